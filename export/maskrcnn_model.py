@@ -1,0 +1,212 @@
+"""Mask R-CNN tumor detector built from torchvision parts (no pretrained weights).
+
+Why this shape:
+- trained from scratch on ~1,000 slices, so normalization matters more than
+  depth: GroupNorm everywhere (backbone, FPN, mask head) trains stably with
+  batches of 4 and behaves the same in training and inference;
+- a ResNet-18 trunk cut after `layer3` (strides 4..16, plus FPN's max-pool
+  level at 32): `layer4` alone holds 8.4 M of ResNet-18's 11 M weights and
+  would break the 40 MB ONNX budget, while brain tumors on a 256-px brain crop
+  are 10-150 px and are covered by strides 4-32;
+- a 1-channel stem: the gateway sends gray [1, S, S] in [0, 1];
+- anchors sized for S (16-128 px) instead of COCO's 32-512;
+- the transform's min_size = max_size = S, so an S×S input is never resized.
+
+`MaskRCNNExportWrapper` is the ONNX-facing module: [1, H, W] → (boxes, scores, masks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+NUM_CLASSES = 2  # background + tumor
+
+
+@dataclass(frozen=True)
+class MaskRCNNConfig:
+    """Everything needed to rebuild the network; stored in checkpoints."""
+
+    input_size: int = 256
+    trunk_width: int = 64  # ResNet stem width; 64 = ResNet-18, 16/32 for tiny plumbing models
+    trunk_blocks: tuple[int, ...] = (2, 2, 2)  # BasicBlocks per stage (layer1..layer3)
+    fpn_channels: int = 128
+    representation_size: int = 256  # box head MLP width
+    mask_channels: int = 128
+    mask_layers: int = 4
+    groups: int = 16  # GroupNorm groups
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    detections_per_img: int = 10
+    score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    rpn_batch_size_per_image: int = 128
+    box_batch_size_per_image: int = 128
+    rpn_pre_nms_top_n_train: int = 1000
+    rpn_post_nms_top_n_train: int = 500
+    rpn_pre_nms_top_n_test: int = 500
+    rpn_post_nms_top_n_test: int = 200
+    image_mean: float = 0.25  # rough mean/std of prepared slices (mostly dark background)
+    image_std: float = 0.25
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MaskRCNNConfig:
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        for key in ("trunk_blocks", "anchor_sizes", "aspect_ratios"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+
+def tiny_config(input_size: int = 64) -> MaskRCNNConfig:
+    """A few-hundred-kB network with the real contract, for plumbing tests."""
+    return MaskRCNNConfig(
+        input_size=input_size,
+        trunk_width=8,
+        trunk_blocks=(1, 1, 1),
+        fpn_channels=16,
+        representation_size=32,
+        mask_channels=16,
+        mask_layers=1,
+        groups=4,
+        anchor_sizes=(8, 16, 32, 64),
+        rpn_pre_nms_top_n_test=100,
+        rpn_post_nms_top_n_test=50,
+    )
+
+
+def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels)
+
+
+class _Trunk(nn.Module):
+    """ResNet (BasicBlock) stem + three stages, 1-channel input, GroupNorm."""
+
+    def __init__(self, config: MaskRCNNConfig) -> None:
+        super().__init__()
+        norm = partial(_group_norm, config.groups)
+        width = config.trunk_width
+        self.conv1 = nn.Conv2d(1, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        in_channels = width
+        for index, blocks in enumerate(config.trunk_blocks):
+            out_channels = width * 2**index
+            stride = 1 if index == 0 else 2
+            layers = []
+            for block in range(blocks):
+                downsample = None
+                if block == 0 and (stride != 1 or in_channels != out_channels):
+                    downsample = nn.Sequential(
+                        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), norm(out_channels)
+                    )
+                layers.append(
+                    resnet.BasicBlock(
+                        in_channels, out_channels, stride if block == 0 else 1, downsample, norm_layer=norm
+                    )
+                )
+                in_channels = out_channels
+            self.add_module(f"layer{index + 1}", nn.Sequential(*layers))
+        self.out_channels_list = [width * 2**i for i in range(len(config.trunk_blocks))]
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        # Zero-init the last norm of each residual branch: each block starts as identity,
+        # which is what makes from-scratch training of residual nets stable.
+        for module in self.modules():
+            if isinstance(module, resnet.BasicBlock):
+                nn.init.zeros_(module.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # only used through IntermediateLayerGetter
+        raise NotImplementedError
+
+
+def build_maskrcnn(config: MaskRCNNConfig) -> MaskRCNN:
+    """torchvision MaskRCNN with the backbone and heads described in the module docstring."""
+    trunk = _Trunk(config)
+    stages = len(config.trunk_blocks)
+    return_layers = {f"layer{i + 1}": str(i) for i in range(stages)}
+    fpn_norm = partial(_group_norm, config.groups)
+    backbone = BackboneWithFPN(
+        trunk,
+        return_layers=return_layers,
+        in_channels_list=trunk.out_channels_list,
+        out_channels=config.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=fpn_norm,
+    )
+    levels = stages + 1
+    if len(config.anchor_sizes) != levels:
+        raise ValueError(f"need {levels} anchor sizes (one per FPN level), got {config.anchor_sizes}")
+    anchors = AnchorGenerator(
+        sizes=tuple((s,) for s in config.anchor_sizes),
+        aspect_ratios=(tuple(config.aspect_ratios),) * levels,
+    )
+    feature_names = [str(i) for i in range(stages)]
+    box_pool = MultiScaleRoIAlign(featmap_names=feature_names, output_size=7, sampling_ratio=2)
+    mask_pool = MultiScaleRoIAlign(featmap_names=feature_names, output_size=14, sampling_ratio=2)
+    channels = config.fpn_channels
+    box_head = TwoMLPHead(channels * 7 * 7, config.representation_size)
+    mask_head = MaskRCNNHeads(
+        channels,
+        [config.mask_channels] * config.mask_layers,
+        1,
+        norm_layer=partial(_group_norm, config.groups),
+    )
+    model = MaskRCNN(
+        backbone,
+        num_classes=None,
+        min_size=config.input_size,
+        max_size=config.input_size,
+        image_mean=[config.image_mean],
+        image_std=[config.image_std],
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=config.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=config.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=config.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=config.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=config.rpn_batch_size_per_image,
+        box_roi_pool=box_pool,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(config.representation_size, NUM_CLASSES),
+        box_score_thresh=config.score_thresh,
+        box_nms_thresh=config.box_nms_thresh,
+        box_detections_per_img=config.detections_per_img,
+        box_batch_size_per_image=config.box_batch_size_per_image,
+        mask_roi_pool=mask_pool,
+        mask_head=mask_head,
+        mask_predictor=MaskRCNNPredictor(config.mask_channels, config.mask_channels, NUM_CLASSES),
+    )
+    return model
+
+
+class MaskRCNNExportWrapper(nn.Module):
+    """The served contract: image [1, H, W] (no batch) → boxes [N, 4], scores [N], masks [N, 1, H, W]."""
+
+    def __init__(self, model: MaskRCNN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        detections = self.model([image])[0]
+        return detections["boxes"], detections["scores"], detections["masks"]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,287 @@
+"""Image preprocessing shared by training, evaluation and serving.
+
+Pure numpy/OpenCV, no gRPC: `export/` imports this module so train and serve
+can never drift. The chain is
+
+    decode_image / to_unit_gray  ->  find_brain_box  ->  prepare(size)
+                                                          (crop, resize, normalize)
+
+and `PreparedImage` remembers the crop so that masks and boxes predicted on
+the model grid map back to the original pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from gateway.errors import InvalidImage
+
+# Decoding guards; the server's configurable limits sit on top of these.
+MIN_SIDE = 16
+DEFAULT_MAX_SIDE = 8192
+
+# Pixels brighter than this (on the unit scale, after a light blur) count as
+# head rather than background when looking for the brain's outline.
+_FOREGROUND_THRESHOLD = 45.0 / 255.0
+_CROP_MARGIN = 0.02
+_NORMALIZE_PERCENTILES = (0.5, 99.5)
+
+_SUPPORTED_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.float32, np.float64))
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A slice on the unit scale: float32 H×W in [0, 1]."""
+
+    pixels: np.ndarray
+    pixel_spacing_mm: tuple[float, float] | None = None  # (row, column) spacing, DICOM only
+    source_format: str = "array"
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """Half-open pixel box [x0, x1) × [y0, y1) in the original image."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A model-ready square tensor plus what is needed to map results back."""
+
+    tensor: np.ndarray  # float32 size×size in [0, 1]
+    crop: CropBox
+    original_shape: tuple[int, int]  # (height, width)
+
+    @property
+    def size(self) -> int:
+        return int(self.tensor.shape[0])
+
+
+def decode_image(data: bytes, *, max_side: int = DEFAULT_MAX_SIDE) -> DecodedImage:
+    """Decode PNG, JPEG (8/16-bit, gray/RGB) or DICOM bytes to the unit scale."""
+    if not data:
+        raise InvalidImage("image is empty (0 bytes)")
+    if data[:8] == _PNG_MAGIC or data[:3] == _JPEG_MAGIC:
+        return _decode_raster(data, max_side=max_side)
+    if _looks_like_dicom(data):
+        return _decode_dicom(data, max_side=max_side)
+    raise InvalidImage(
+        f"unrecognised image format ({len(data)} bytes, starts with {data[:8].hex()}); "
+        "send PNG, JPEG or DICOM"
+    )
+
+
+def to_unit_gray(array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
+    """Any supported numpy image (H×W, H×W×1/3/4; uint8, uint16, float) → float32 H×W in [0, 1]."""
+    if not isinstance(array, np.ndarray):
+        raise InvalidImage(f"expected a numpy array, got {type(array).__name__}")
+    source_dtype = array.dtype
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        if array.shape[2] == 1:
+            array = array[:, :, 0]
+        else:
+            luminance = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            array = array[:, :, :3].astype(np.float32) @ luminance
+    if array.ndim != 2:
+        raise InvalidImage(
+            f"image array must be H×W or H×W×C with C in (1, 3, 4); got shape {tuple(array.shape)}"
+        )
+    if source_dtype not in _SUPPORTED_DTYPES:
+        raise InvalidImage(
+            f"image dtype {source_dtype} is not supported; use uint8, uint16, int16, float32 or float64"
+        )
+    _check_size(array.shape, max_side)
+    return _rescale_to_unit(array, source_dtype=source_dtype)
+
+
+def find_brain_box(gray: np.ndarray) -> CropBox:
+    """Box around the head: the extreme points of the largest bright contour.
+
+    Falls back to the whole image when nothing stands out from the background.
+    """
+    height, width = gray.shape
+    blurred = cv2.GaussianBlur(gray, (5, 5), 0)
+    foreground = (blurred > _FOREGROUND_THRESHOLD).astype(np.uint8)
+    foreground = cv2.erode(foreground, None, iterations=2)
+    foreground = cv2.dilate(foreground, None, iterations=2)
+    contours, _ = cv2.findContours(foreground, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return CropBox(0, 0, width, height)
+    largest = max(contours, key=cv2.contourArea)
+    x, y, w, h = cv2.boundingRect(largest)
+    if w * h < 0.05 * width * height:
+        return CropBox(0, 0, width, height)
+    margin_x, margin_y = int(round(_CROP_MARGIN * w)), int(round(_CROP_MARGIN * h))
+    return CropBox(
+        max(0, x - margin_x),
+        max(0, y - margin_y),
+        min(width, x + w + margin_x),
+        min(height, y + h + margin_y),
+    )
+
+
+def crop_and_resize(
+    array: np.ndarray, crop: CropBox, size: int, *, interpolation: int = cv2.INTER_AREA
+) -> np.ndarray:
+    """Cut `crop` out of `array` and resize it to size×size (also used for training masks)."""
+    patch = array[crop.y0 : crop.y1, crop.x0 : crop.x1]
+    return cv2.resize(patch, (size, size), interpolation=interpolation)
+
+
+def normalize(patch: np.ndarray) -> np.ndarray:
+    """Robust contrast stretch to [0, 1]; makes scanners and exports with different contrast comparable."""
+    lo, hi = np.percentile(patch, _NORMALIZE_PERCENTILES)
+    if hi - lo < 1e-6:
+        return np.zeros_like(patch, dtype=np.float32)
+    return np.clip((patch - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def prepare(gray: np.ndarray, size: int, *, crop: CropBox | None = None) -> PreparedImage:
+    """Brain crop → resize to size×size → normalize. Pass `crop` to reuse one found earlier."""
+    crop = crop or find_brain_box(gray)
+    resized = crop_and_resize(gray, crop, size)
+    return PreparedImage(tensor=normalize(resized), crop=crop, original_shape=gray.shape[:2])
+
+
+def mask_to_original(mask: np.ndarray, prepared: PreparedImage) -> np.ndarray:
+    """Map a size×size (float or bool) mask from the model grid to original pixels."""
+    crop = prepared.crop
+    resized = cv2.resize(
+        mask.astype(np.float32), (crop.width, crop.height), interpolation=cv2.INTER_LINEAR
+    )
+    full = np.zeros(prepared.original_shape, dtype=np.float32)
+    full[crop.y0 : crop.y1, crop.x0 : crop.x1] = resized
+    return full
+
+
+def boxes_to_original(boxes: np.ndarray, prepared: PreparedImage, grid_size: int) -> np.ndarray:
+    """Map N×4 [x0, y0, x1, y1] boxes on a grid_size×grid_size grid to original pixels."""
+    crop = prepared.crop
+    scale = np.array(
+        [crop.width / grid_size, crop.height / grid_size] * 2, dtype=np.float32
+    )
+    offset = np.array([crop.x0, crop.y0] * 2, dtype=np.float32)
+    mapped = boxes.astype(np.float32).reshape(-1, 4) * scale + offset
+    height, width = prepared.original_shape
+    mapped[:, 0::2] = np.clip(mapped[:, 0::2], 0, width)
+    mapped[:, 1::2] = np.clip(mapped[:, 1::2], 0, height)
+    return mapped
+
+
+def load_image_file(path: str) -> DecodedImage:
+    """Read an image file from disk (training and evaluation use this too)."""
+    with open(path, "rb") as handle:
+        return decode_image(handle.read())
+
+
+# --- internals -------------------------------------------------------------
+
+
+def _check_size(shape: tuple[int, ...], max_side: int) -> None:
+    height, width = shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise InvalidImage(
+            f"image is {width}×{height} pixels; each side must be at least {MIN_SIDE}"
+        )
+    if max(height, width) > max_side:
+        raise InvalidImage(
+            f"image is {width}×{height} pixels; each side must be at most {max_side}"
+        )
+
+
+def _rescale_to_unit(array: np.ndarray, *, source_dtype: np.dtype) -> np.ndarray:
+    if source_dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    values = array.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise InvalidImage("image contains NaN or infinite values")
+    if source_dtype in (np.float32, np.float64) and values.min() >= 0.0 and values.max() <= 1.0:
+        return values
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-12:
+        return np.zeros_like(values)
+    return (values - lo) / (hi - lo)
+
+
+def _decode_raster(data: bytes, *, max_side: int) -> DecodedImage:
+    # Read the header first so a decompression bomb is refused before allocating it.
+    header_size = _raster_size(data)
+    if header_size is not None:
+        _check_size((header_size[1], header_size[0]), max_side)
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    if decoded is None:
+        raise InvalidImage(f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)")
+    if decoded.ndim == 3 and decoded.shape[2] >= 3:
+        # OpenCV decodes to BGR(A); reorder so the luminance weights apply to RGB.
+        decoded = decoded[:, :, [2, 1, 0]]
+    source = "png" if data[:8] == _PNG_MAGIC else "jpeg"
+    return DecodedImage(pixels=to_unit_gray(decoded, max_side=max_side), source_format=source)
+
+
+def _raster_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header, without decoding pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise InvalidImage(
+            f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)"
+        ) from None
+
+
+def _looks_like_dicom(data: bytes) -> bool:
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _decode_dicom(data: bytes, *, max_side: int) -> DecodedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=False)
+    except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
+        raise InvalidImage(f"DICOM could not be parsed: {type(exc).__name__}") from None
+    if "PixelData" not in dataset:
+        raise InvalidImage("DICOM has no pixel data (PixelData element missing)")
+    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+    _check_size((rows, columns), max_side)
+    try:
+        pixels = dataset.pixel_array
+    except Exception as exc:  # pydicom raises many types for unsupported/corrupt pixel data
+        raise InvalidImage(
+            f"DICOM pixel data could not be decoded ({type(exc).__name__}); "
+            "compressed transfer syntaxes need a pure-Python handler"
+        ) from None
+    if pixels.ndim == 3 and int(dataset.get("NumberOfFrames", 1)) > 1:
+        pixels = pixels[0]
+    values = pixels.astype(np.float32)
+    slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
+    values = values * slope + intercept
+    if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        values = values.max() - values
+    spacing = dataset.get("PixelSpacing")
+    pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None else None
+    unit = to_unit_gray(values, max_side=max_side)
+    return DecodedImage(pixels=unit, pixel_spacing_mm=pixel_spacing, source_format="dicom")
