@@ -45,7 +45,7 @@ def _residual_block(x, filters: int, *, stride: int, name: str):
 def build_classifier(
     size: int,
     *,
-    widths: tuple[int, ...] = (32, 48, 96, 160),
+    widths: tuple[int, ...] = (24, 32, 64, 128),
     depths: tuple[int, ...] = (1, 1, 2, 2),
     dropout: float = 0.3,
 ) -> keras.Model:

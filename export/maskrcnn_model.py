@@ -38,15 +38,15 @@ NUM_CLASSES = 2  # background + tumor
 class MaskRCNNConfig:
     """Everything needed to rebuild the network; stored in checkpoints."""
 
-    input_size: int = 256
-    trunk_width: int = 64  # ResNet stem width; 64 = ResNet-18, 16/32 for tiny plumbing models
-    trunk_blocks: tuple[int, ...] = (2, 2, 2)  # BasicBlocks per stage (layer1..layer3)
-    fpn_channels: int = 128
+    input_size: int = 192
+    trunk_width: int = 32  # stem width; 64 would be ResNet-18's, halved to fit CPU training
+    trunk_blocks: tuple[int, ...] = (2, 2, 2, 2)  # BasicBlocks per stage (layer1..layerN), widths double
+    fpn_channels: int = 64
     representation_size: int = 256  # box head MLP width
-    mask_channels: int = 128
+    mask_channels: int = 64
     mask_layers: int = 4
     groups: int = 16  # GroupNorm groups
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     detections_per_img: int = 10
     score_thresh: float = 0.05

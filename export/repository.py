@@ -17,6 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from gateway.contract import (
     CONFIG_FILE,
+    DISCLAIMER,
     LABELS_FILE,
     MODEL_FILE,
     ModelSpec,
@@ -25,9 +26,6 @@ from gateway.contract import (
     triton_data_type,
     validate_role,
 )
-
-DISCLAIMER = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
-
 
 def version_dir(repository: Path, name: str, version: int = 1) -> Path:
     path = repository / name / str(version)

@@ -24,6 +24,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from gateway.errors import ContractError
 
+DISCLAIMER = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
+
 CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.onnx"

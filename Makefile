@@ -1,0 +1,33 @@
+# One-command workflows. `make serve` sets everything up and starts the gateway
+# on the embedded backend; `make test` runs the whole test suite.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve test system-deps proto
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -r requirements.txt
+	$(VENV)/bin/pip install --no-deps -r requirements-nodeps.txt
+	$(VENV)/bin/pip install --no-deps --no-build-isolation -e .
+	touch $@
+
+# perf_analyzer (shipped in the tritonclient wheel) links libb64.
+system-deps:
+	@dpkg -s libb64-0d >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d; \
+	  else echo "perf_analyzer needs libb64-0d: sudo apt-get install -y libb64-0d"; fi; }
+
+setup: $(STAMP) system-deps
+
+serve: setup
+	$(VENV)/bin/brainscan serve
+
+test: setup
+	$(PY) -m pytest -q -rs
+
+proto: setup
+	$(PY) -m brainscan.protogen

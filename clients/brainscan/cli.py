@@ -1,0 +1,213 @@
+"""`brainscan`: serve, analyze, and the model lifecycle (train / evaluate / export).
+
+Research use only. Not a medical device; not for diagnosis or treatment decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from brainscan.results import DISCLAIMER
+
+# (command, model) → module exposing get_args_parser() and main(args). The
+# modules are imported only when used: TensorFlow and torchvision must never
+# meet in one process, and `brainscan --help` should stay fast.
+DELEGATED: dict[tuple[str, str], tuple[str, bool]] = {
+    # value: (module, whether the model name is passed on as a positional argument)
+    ("train", "classifier"): ("export.train_classifier", False),
+    ("train", "unet"): ("export.train_unet", False),
+    ("train", "maskrcnn"): ("export.train_maskrcnn", False),
+    ("export", "classifier"): ("export.export_keras", True),
+    ("export", "unet"): ("export.export_keras", True),
+    ("export", "maskrcnn"): ("export.export_maskrcnn", False),
+    ("evaluate", "classifier"): ("export.evaluate_keras", True),
+    ("evaluate", "unet"): ("export.evaluate_keras", True),
+    ("evaluate", "maskrcnn"): ("export.evaluate_maskrcnn", False),
+    ("data", "audit"): ("export.audit", False),
+    ("export", "tiny"): ("export.tiny", False),
+    ("bench", "triton"): ("gateway.triton_bench", False),
+}
+SINGLE: dict[str, str] = {"triton": "gateway.triton_local"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="brainscan",
+        description=f"Brain-MRI tumor analysis over gRPC. {DISCLAIMER}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Model lifecycle: brainscan train|evaluate|export {classifier,unet,maskrcnn} --help, "
+        "brainscan data audit --help, brainscan triton --help, brainscan bench triton --help",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="start the gRPC gateway")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1, env BRAINSCAN_HOST)")
+    serve.add_argument("--port", type=int, help="port to bind (default 50051, env BRAINSCAN_PORT)")
+    serve.add_argument("--backend", choices=("embedded", "triton"), help="model runtime (default embedded)")
+    serve.add_argument("--model-repository", type=Path, help="Triton model repository (default ./model_repository)")
+    serve.add_argument("--triton-url", help="Triton gRPC address for --backend triton (default 127.0.0.1:8001)")
+    serve.add_argument("--tumor-threshold", type=float, help="p(tumor) at which U-Net/Mask R-CNN run (default 0.5)")
+    serve.add_argument("--max-in-flight", type=int, help="concurrent requests before RESOURCE_EXHAUSTED (default 64)")
+    serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+    analyze = commands.add_parser("analyze", help="analyze image files against a running gateway")
+    analyze.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or DICOM files")
+    analyze.add_argument("--server", default="127.0.0.1:50051", help="gateway address (default 127.0.0.1:50051)")
+    analyze.add_argument("--json", action="store_true", help="print one JSON object per line")
+    analyze.add_argument("--overlay", type=Path, metavar="DIR", help="write an overlay PNG per image into DIR")
+    analyze.add_argument("--no-segment", action="store_true", help="skip the U-Net")
+    analyze.add_argument("--no-detect", action="store_true", help="skip the Mask R-CNN")
+    analyze.add_argument("--ungated", action="store_true", help="run U-Net/Mask R-CNN even when no tumor is seen")
+    analyze.add_argument("--timeout", type=float, default=30.0, help="per-image deadline in seconds (default 30)")
+
+    info = commands.add_parser("info", help="show the models a gateway serves")
+    info.add_argument("--server", default="127.0.0.1:50051", help="gateway address")
+
+    for name, help_text in (
+        ("train", "train a model: classifier, unet or maskrcnn"),
+        ("evaluate", "evaluate a model's ONNX file: classifier, unet or maskrcnn"),
+        ("export", "export a trained model into model_repository/: classifier, unet, maskrcnn (or tiny)"),
+        ("data", "dataset tools: audit"),
+        ("bench", "benchmarks: triton"),
+        ("triton", "run a local Triton server over model_repository/"),
+    ):
+        commands.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SINGLE:
+        return _delegate(SINGLE[argv[0]], f"brainscan {argv[0]}", argv[1:])
+    if len(argv) >= 1 and argv[0] in {command for command, _ in DELEGATED}:
+        if len(argv) < 2 or (argv[0], argv[1]) not in DELEGATED:
+            choices = sorted(model for command, model in DELEGATED if command == argv[0])
+            print(f"usage: brainscan {argv[0]} {{{','.join(choices)}}} [options]", file=sys.stderr)
+            return 2
+        module, pass_model = DELEGATED[(argv[0], argv[1])]
+        rest = argv[1:] if pass_model else argv[2:]
+        return _delegate(module, f"brainscan {argv[0]} {argv[1]}", rest)
+
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "analyze":
+        return _analyze(args)
+    if args.command == "info":
+        return _info(args)
+    build_parser().print_help()
+    return 2
+
+
+def _delegate(module_name: str, prog: str, argv: list[str]) -> int:
+    module = importlib.import_module(module_name)
+    parser = module.get_args_parser()
+    parser.prog = prog
+    return int(module.main(parser.parse_args(argv)) or 0)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from gateway.config import load_config
+    from gateway.errors import BrainscanError
+    from gateway.server import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(
+            {
+                "host": args.host,
+                "port": args.port,
+                "backend": args.backend,
+                "model_repository": args.model_repository,
+                "triton_url": args.triton_url,
+                "tumor_threshold": args.tumor_threshold,
+                "max_in_flight": args.max_in_flight,
+            }
+        )
+        print(DISCLAIMER, file=sys.stderr)
+        asyncio.run(serve(config))
+    except (BrainscanError, ValueError, OSError) as error:
+        print(f"brainscan serve: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from brainscan.client import Client
+    from brainscan.errors import BrainscanError, InvalidInput
+
+    failures = 0
+    with Client(args.server, timeout_s=args.timeout) as client:
+        for path in args.images:
+            try:
+                result = client.analyze(
+                    path, segment=not args.no_segment, detect=not args.no_detect, gate=not args.ungated
+                )
+            except InvalidInput as error:
+                failures += 1
+                print(f"{path}: {error}", file=sys.stderr)
+                continue
+            except BrainscanError as error:
+                print(f"brainscan analyze: {error}", file=sys.stderr)
+                return 1
+            if args.json:
+                print(json.dumps(result.to_json_dict()), flush=True)
+            else:
+                print(format_table(result), flush=True)
+            if args.overlay:
+                from brainscan.overlay import write_overlay
+
+                target = write_overlay(path, result, args.overlay)
+                if not args.json:
+                    print(f"  overlay: {target}")
+    return 1 if failures else 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from brainscan.client import Client
+    from brainscan.errors import BrainscanError
+
+    try:
+        with Client(args.server) as client:
+            info = client.model_info()
+    except BrainscanError as error:
+        print(f"brainscan info: {error}", file=sys.stderr)
+        return 1
+    print(f"backend: {info.backend}   tumor threshold: {info.tumor_threshold}")
+    for model in info.models:
+        labels = f"  labels: {', '.join(model.labels)}" if model.labels else ""
+        print(f"  {model.role:<10} {model.name} v{model.version}  input {model.input_size}px{labels}")
+    print(info.disclaimer)
+    return 0
+
+
+def format_table(result) -> str:
+    lines = [f"{result.image_id}", f"  label: {result.label}   p(tumor) = {result.tumor_probability:.3f}"]
+    probabilities = "  ".join(f"{k}={v:.3f}" for k, v in sorted(result.probabilities.items()))
+    lines.append(f"  probabilities: {probabilities}")
+    if result.mask is not None:
+        mm2 = f" ({result.segmentation_area_mm2:.1f} mm²)" if result.segmentation_area_mm2 is not None else ""
+        box = ", ".join(f"{v:.0f}" for v in result.segmentation_bbox)
+        lines.append(f"  segmentation: {result.segmentation_area_px} px{mm2}, bbox [{box}]")
+    elif result.segmentation_ran:
+        lines.append("  segmentation: empty")
+    for index, inst in enumerate(result.instances, 1):
+        box = ", ".join(f"{v:.0f}" for v in inst.box)
+        lines.append(f"  instance {index}: score {inst.score:.3f}  box [{box}]  area {inst.area_px} px")
+    if result.detection_ran and not result.instances:
+        lines.append("  instances: none")
+    models = ", ".join(f"{k} v{v}" for k, v in sorted(result.models.items()))
+    total = result.timings.get("total")
+    lines.append(f"  models: {models}" + (f"   time: {total:.1f} ms" if total is not None else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

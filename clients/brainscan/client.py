@@ -1,0 +1,193 @@
+"""`Client` and `AsyncClient`: mirror images of each other, one channel each.
+
+    with Client("localhost:50051") as client:
+        result = client.analyze("slice.png")
+        print(result.label, result.tumor_probability)
+
+Research use only. Not a medical device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from brainscan.errors import from_rpc_error
+from brainscan.inputs import ImageLike, build_request
+from brainscan.results import AnalysisResult, result_from_response
+from brainscan.v1 import brainscan_pb2 as pb
+from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    role: str
+    labels: tuple[str, ...]
+    input_size: int
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    backend: str
+    models: tuple[ModelInfo, ...]
+    tumor_threshold: float
+    disclaimer: str
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def _server_info(response: pb.GetModelInfoResponse) -> ServerInfo:
+    return ServerInfo(
+        backend=response.backend,
+        models=tuple(
+            ModelInfo(m.name, m.version, m.role, tuple(m.labels), m.input_size) for m in response.models
+        ),
+        tumor_threshold=response.tumor_threshold,
+        disclaimer=response.disclaimer,
+    )
+
+
+class Client:
+    """Blocking client. Keyword-only options; reuses one channel; a context manager."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float | None = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._stub = pb_grpc.BrainScanStub(self._channel)
+
+    def analyze(
+        self,
+        image: ImageLike,
+        *,
+        segment: bool = True,
+        detect: bool = True,
+        gate: bool = True,
+        image_id: str = "",
+        timeout_s: float | None = None,
+    ) -> AnalysisResult:
+        request = build_request(image, segment=segment, detect=detect, gate=gate, image_id=image_id)
+        try:
+            response = self._stub.Analyze(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return result_from_response(response)
+
+    def analyze_many(
+        self,
+        images: Iterable[ImageLike],
+        *,
+        segment: bool = True,
+        detect: bool = True,
+        gate: bool = True,
+        timeout_s: float | None = None,
+    ) -> Iterator[AnalysisResult]:
+        """Stream a series through AnalyzeStream; yields results in order.
+
+        A slice the server refuses raises its error when its turn comes.
+        """
+        requests = (build_request(img, segment=segment, detect=detect, gate=gate) for img in images)
+        try:
+            for response in self._stub.AnalyzeStream(requests, timeout=timeout_s):
+                yield result_from_response(response)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def model_info(self) -> ServerInfo:
+        try:
+            return _server_info(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio twin of `Client` (grpc.aio)."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float | None = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._stub = pb_grpc.BrainScanStub(self._channel)
+
+    async def analyze(
+        self,
+        image: ImageLike,
+        *,
+        segment: bool = True,
+        detect: bool = True,
+        gate: bool = True,
+        image_id: str = "",
+        timeout_s: float | None = None,
+    ) -> AnalysisResult:
+        request = build_request(image, segment=segment, detect=detect, gate=gate, image_id=image_id)
+        try:
+            response = await self._stub.Analyze(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return result_from_response(response)
+
+    async def analyze_many(
+        self,
+        images: Iterable[ImageLike],
+        *,
+        segment: bool = True,
+        detect: bool = True,
+        gate: bool = True,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[AnalysisResult]:
+        requests = [build_request(img, segment=segment, detect=detect, gate=gate) for img in images]
+        call = self._stub.AnalyzeStream(iter(requests), timeout=timeout_s)
+        try:
+            async for response in call:
+                yield result_from_response(response)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def model_info(self) -> ServerInfo:
+        try:
+            response = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return _server_info(response)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

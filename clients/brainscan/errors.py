@@ -1,0 +1,65 @@
+"""The SDK's one exception tree.
+
+    BrainscanError
+    ├── InvalidInput          the image was refused (client-side check or INVALID_ARGUMENT)
+    ├── Unauthenticated       missing or wrong token (UNAUTHENTICATED)
+    ├── Overloaded            the server is at capacity or the request too big (RESOURCE_EXHAUSTED)
+    ├── ServerUnavailable     server or model server unreachable (UNAVAILABLE)
+    ├── DeadlineExceeded      no answer within the deadline (DEADLINE_EXCEEDED)
+    └── ServerError           anything else the server reported
+
+Each carries `.code` (the gRPC status code name, or None for client-side checks).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class BrainscanError(Exception):
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidInput(BrainscanError):
+    pass
+
+
+class Unauthenticated(BrainscanError):
+    pass
+
+
+class Overloaded(BrainscanError):
+    pass
+
+
+class ServerUnavailable(BrainscanError):
+    pass
+
+
+class DeadlineExceeded(BrainscanError):
+    pass
+
+
+class ServerError(BrainscanError):
+    pass
+
+
+_BY_CODE: dict[str, type[BrainscanError]] = {
+    "INVALID_ARGUMENT": InvalidInput,
+    "UNAUTHENTICATED": Unauthenticated,
+    "RESOURCE_EXHAUSTED": Overloaded,
+    "UNAVAILABLE": ServerUnavailable,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+}
+
+
+def from_status(code: str, message: str) -> BrainscanError:
+    return _BY_CODE.get(code, ServerError)(f"{code}: {message}", code)
+
+
+def from_rpc_error(error: grpc.RpcError) -> BrainscanError:
+    code = error.code()  # type: ignore[attr-defined]
+    name = code.name if code is not None else "UNKNOWN"
+    return from_status(name, error.details() or "")  # type: ignore[attr-defined]

@@ -1,0 +1,161 @@
+"""Pieces shared by the two Keras training commands.
+
+TensorFlow set-up (threads, seed, determinism), on-batch augmentation,
+a tqdm progress callback, the run folder (args.json, log.csv, checkpoints)
+and a duplicate-aware train/validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_tensorflow(threads: int, seed: int) -> None:
+    """Pin thread pools (the machine is shared) and make runs repeatable."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, model: str, size: int, epochs: int, batch: int, lr: float) -> None:
+    from export.datasets import default_data_root
+
+    parser.add_argument("--data", type=Path, default=default_data_root(), help="datasets root (default: $BRAINSCAN_DATA or ../shared/datasets)")
+    parser.add_argument("--size", type=int, default=size, help="square input side S of the model")
+    parser.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=batch, help="batch size")
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW, cosine decay after warm-up)")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay")
+    parser.add_argument("--seed", type=int, default=20240611, help="random seed (numpy, TF, split)")
+    parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads")
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="share of training data held out for model selection")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / model, help="run folder: args.json, log.csv, checkpoints")
+    parser.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke tests); 0 = all")
+
+
+def start_run(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}, indent=2) + "\n")
+    return out
+
+
+def group_split(
+    labels: Sequence[str], groups: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split that keeps every near-duplicate group on one side.
+
+    Without it, copies of a validation slice sit in training and model
+    selection rewards memorization.
+    """
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    val = np.zeros(len(labels_arr), dtype=bool)
+    for label in sorted(set(labels_arr.tolist())):
+        members = np.nonzero(labels_arr == label)[0]
+        group_ids = np.unique(groups[members])
+        rng.shuffle(group_ids)
+        target, taken = val_fraction * len(members), 0
+        for gid in group_ids:
+            if taken >= target:
+                break
+            chosen = members[groups[members] == gid]
+            val[chosen] = True
+            taken += len(chosen)
+    # A group spanning two labels could straddle; pull it wholly into validation.
+    for gid in np.unique(groups[val]):
+        val[groups == gid] = True
+    return np.nonzero(~val)[0], np.nonzero(val)[0]
+
+
+def cosine_schedule(lr: float, total_steps: int, warmup_steps: int):
+    import keras
+
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=lr * 0.05,
+        decay_steps=max(1, total_steps - warmup_steps),
+        alpha=0.01,
+        warmup_target=lr,
+        warmup_steps=warmup_steps,
+    )
+
+
+def augment_batch(images, masks=None, *, rotation_deg: float = 15.0, scale: tuple[float, float] = (0.85, 1.15),
+                  shift: float = 0.08, flip: bool = True, intensity: bool = True):
+    """Random affine (flip, rotation, scale, shift) + intensity jitter on a training batch.
+
+    Masks (if given) get the same geometry and are re-binarized; intensity
+    changes (gamma, contrast, brightness, noise) touch the image only. Output
+    stays in [0, 1] like the gateway's tensors.
+    """
+    import tensorflow as tf
+
+    shape = tf.shape(images)
+    n, h, w = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    angle = tf.random.uniform([n], -1.0, 1.0) * (rotation_deg * math.pi / 180.0)
+    zoom = tf.exp(tf.random.uniform([n], math.log(scale[0]), math.log(scale[1])))
+    flip_sign = tf.where(tf.random.uniform([n]) < 0.5, -1.0, 1.0) if flip else tf.ones([n])
+    tx = tf.random.uniform([n], -shift, shift) * w
+    ty = tf.random.uniform([n], -shift, shift) * h
+    # Output→input mapping about the image centre: p_in = A^-1 (p_out - c - t) + c.
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+    a0, a1 = cos * flip_sign, sin
+    b0, b1 = -sin * flip_sign, cos
+    ox, oy = cx + tx, cy + ty
+    transforms = tf.stack(
+        [a0, a1, cx - a0 * ox - a1 * oy, b0, b1, cy - b0 * ox - b1 * oy, tf.zeros([n]), tf.zeros([n])], axis=1
+    )
+    stacked = images if masks is None else tf.concat([images, masks], axis=-1)
+    warped = tf.raw_ops.ImageProjectiveTransformV3(
+        images=stacked, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT",
+    )
+    out_images = warped[..., :1]
+    if intensity:
+        gamma = tf.exp(tf.random.uniform([n, 1, 1, 1], math.log(0.7), math.log(1.5)))
+        out_images = tf.pow(tf.clip_by_value(out_images, 1e-6, 1.0), gamma)
+        contrast = tf.random.uniform([n, 1, 1, 1], 0.75, 1.3)
+        mean = tf.reduce_mean(out_images, axis=[1, 2, 3], keepdims=True)
+        out_images = (out_images - mean) * contrast + mean + tf.random.uniform([n, 1, 1, 1], -0.08, 0.08)
+        noise = tf.random.normal(tf.shape(out_images)) * tf.random.uniform([n, 1, 1, 1], 0.0, 0.03)
+        out_images = tf.clip_by_value(out_images + noise, 0.0, 1.0)
+    if masks is None:
+        return out_images
+    return out_images, tf.cast(warped[..., 1:] >= 0.5, tf.float32)
+
+
+def progress_callback(desc: str):
+    """Keras callback drawing one tqdm bar per epoch (Keras' own bar is turned off)."""
+    import keras
+    from tqdm import tqdm
+
+    class TqdmProgress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.bar = tqdm(total=self.params.get("steps"), desc=f"{desc} epoch {epoch + 1}/{self.params.get('epochs')}",
+                            unit="batch", mininterval=5.0)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.bar.update(1)
+            if logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.bar.set_postfix({k: f"{float(v):.4f}" for k, v in (logs or {}).items() if k != "learning_rate"})
+            self.bar.close()
+
+    return TqdmProgress()

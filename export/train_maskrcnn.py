@@ -1,0 +1,249 @@
+"""`brainscan train maskrcnn`: train the tumor detector from scratch (CPU or GPU).
+
+Data: br35h-polygons/train + ruslan-kl-polygons/train (one instance per VIA
+region) with Sartaj `Training/no_tumor` slices as negatives; near-duplicates
+of any evaluation image are dropped (export/eval_subsets.json).
+ruslan-kl-polygons/val is held out for model selection only; no evaluation
+split is looked at here.
+
+Writes to --out: args.json, log.csv (one row per epoch), last.pt and best.pt
+(checkpoints carry the model config and these arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from export.datasets import default_data_root, load_via_split, negative_slices
+from export.maskrcnn_data import Augment, DetectionDataset, InstanceSet, collate, load_instances
+from export.maskrcnn_metrics import Prediction, coco_metrics
+from export.maskrcnn_model import MaskRCNNConfig, build_maskrcnn, count_parameters
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SPLITS = (("br35h-polygons", "train"), ("ruslan-kl-polygons", "train"))
+SELECTION_SPLIT = ("ruslan-kl-polygons", "val")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train the Mask R-CNN tumor detector from scratch.")
+    parser.add_argument("--data", type=Path, default=default_data_root(), help="datasets root (default: $BRAINSCAN_DATA or ../shared/datasets)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "maskrcnn", help="run folder: args.json, log.csv, last.pt, best.pt")
+    parser.add_argument("--size", type=int, default=MaskRCNNConfig.input_size, help="square input side S (the config's input_size)")
+    parser.add_argument("--trunk-width", type=int, default=MaskRCNNConfig.trunk_width, help="ResNet stem width (stages double it)")
+    parser.add_argument("--fpn-channels", type=int, default=MaskRCNNConfig.fpn_channels, help="FPN output channels")
+    parser.add_argument("--epochs", type=int, default=200, help="maximum epochs (a --time-budget may stop earlier)")
+    parser.add_argument("--time-budget-min", type=float, default=0.0, help="wall-clock budget; the LR schedule follows elapsed time so the run ends annealed (0 = epochs only)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms/biases)")
+    parser.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up steps")
+    parser.add_argument("--negatives", type=float, default=1.0, help="fraction of the available no_tumor slices to train on")
+    parser.add_argument("--seed", type=int, default=20240611, help="random seed")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the CPU host is shared)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests); 0 = no limit")
+    parser.add_argument("--limit", type=int, default=0, help="use only this many training slices (smoke tests); 0 = all")
+    parser.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    return parser
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def training_data(data_root: Path, size: int, negatives: float, seed: int, limit: int = 0) -> InstanceSet:
+    from export.audit import load_or_build_audit
+
+    audit = load_or_build_audit(data_root)
+    slices = [s for dataset, split in TRAIN_SPLITS for s in load_via_split(data_root, dataset, split)]
+    negative = negative_slices(data_root, "Training")
+    negative = [s for s in negative if not audit.is_excluded_from_training(s.path)]
+    rng = np.random.default_rng(seed)
+    negative = [negative[i] for i in sorted(rng.permutation(len(negative))[: int(round(negatives * len(negative)))])]
+    slices = [s for s in slices if not audit.is_excluded_from_training(s.path)] + negative
+    if limit:
+        slices = [slices[i] for i in sorted(rng.permutation(len(slices))[:limit])]
+    return load_instances(slices, size, desc="prepare train")
+
+
+def selection_data(data_root: Path, size: int) -> InstanceSet:
+    from export.audit import load_or_build_audit
+
+    audit = load_or_build_audit(data_root)
+    slices = [s for s in load_via_split(data_root, *SELECTION_SPLIT) if not audit.is_excluded_from_training(s.path)]
+    return load_instances(slices, size, desc="prepare selection")
+
+
+@torch.no_grad()
+def predict_grid(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> list[Prediction]:
+    """Detections on the S×S grid for N×S×S prepared images, one image at a time (as served)."""
+    model.eval()
+    out = []
+    for image in images:
+        det = model([torch.from_numpy(np.ascontiguousarray(image))[None].to(device)])[0]
+        out.append(Prediction(det["boxes"].cpu().numpy(), det["scores"].cpu().numpy(), det["masks"][:, 0].cpu().numpy()))
+    return out
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(progress: float, step: int, warmup: int) -> float:
+    """Linear warm-up, then cosine to 1% of the peak over `progress` in [0, 1]."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    return warm * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: MaskRCNNConfig,
+                    args: argparse.Namespace, epoch: int, step: int, metrics: dict) -> None:
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": config.to_dict(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
+        "epoch": epoch,
+        "step": step,
+        "metrics": metrics,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def main(args: argparse.Namespace) -> int:
+    if not Path(args.data).is_dir():
+        print(f"datasets folder {args.data} not found; pass --data or set BRAINSCAN_DATA")
+        return 2
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}, indent=2) + "\n")
+
+    config = MaskRCNNConfig(input_size=args.size, trunk_width=args.trunk_width, fpn_channels=args.fpn_channels)
+    train = training_data(args.data, args.size, args.negatives, args.seed, args.limit)
+    selection = selection_data(args.data, args.size)
+    positives = sum(1 for m in train.masks if len(m))
+    print(f"train: {len(train)} slices ({positives} with tumors, {len(train) - positives} negatives, "
+          f"{sum(len(m) for m in train.masks)} instances); selection: {len(selection)} slices; S={args.size}")
+
+    model = build_maskrcnn(config).to(device)
+    print(f"model: {count_parameters(model) / 1e6:.2f} M parameters; device {device}, threads {args.threads}")
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
+    dataset = DetectionDataset(train, Augment(), seed=args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                                         num_workers=args.workers, generator=generator, drop_last=len(train) > args.batch_size,
+                                         persistent_workers=False)
+    steps_per_epoch = max(1, len(loader))
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    start_epoch, step, best, elapsed_before = 0, 0, -1.0, 0.0
+    if args.resume:
+        state = torch.load(args.resume, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        best = state.get("metrics", {}).get("best_mask_ap50", -1.0)
+        elapsed_before = state.get("metrics", {}).get("elapsed_s", 0.0)
+
+    budget_s = args.time_budget_min * 60.0
+    started = time.time() - elapsed_before
+    log_path = out / "log.csv"
+    fields = ["epoch", "step", "lr", "elapsed_s", "loss", "loss_classifier", "loss_box_reg", "loss_mask",
+              "loss_objectness", "loss_rpn_box_reg", "sel_box_ap50", "sel_mask_ap50", "sel_mask_ap"]
+    if not log_path.is_file() or not args.resume:
+        with log_path.open("w", newline="") as handle:
+            csv.DictWriter(handle, fields).writeheader()
+
+    def progress() -> float:
+        by_steps = step / max(1, total_steps)
+        by_time = (time.time() - started) / budget_s if budget_s else 0.0
+        return max(by_steps, by_time)
+
+    done = False
+    for epoch in range(start_epoch, args.epochs):
+        dataset.epoch = epoch
+        model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=args.no_progress, mininterval=10.0)
+        for images, targets in bar:
+            factor = lr_factor(progress(), step, args.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * factor
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+            with torch.autocast(device.type, enabled=scaler.is_enabled()):
+                losses = model(images, targets)
+                loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                print(f"non-finite loss at step {step}: {({k: float(v) for k, v in losses.items()})}; skipping batch")
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            count += 1
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", lr=f"{args.lr * factor:.2e}", refresh=False)
+            if progress() >= 1.0:
+                done = True
+                break
+        bar.close()
+        selection_metrics = coco_metrics(selection.masks_bool(), predict_grid(model, selection.images, device)) if len(selection) else {}
+        row = {
+            "epoch": epoch + 1, "step": step, "lr": args.lr * lr_factor(progress(), step, args.warmup_steps),
+            "elapsed_s": round(time.time() - started, 1),
+            **{k: round(v / max(1, count), 5) for k, v in sums.items()},
+            "sel_box_ap50": selection_metrics.get("box_ap50"), "sel_mask_ap50": selection_metrics.get("mask_ap50"),
+            "sel_mask_ap": selection_metrics.get("mask_ap"),
+        }
+        with log_path.open("a", newline="") as handle:
+            csv.DictWriter(handle, fields).writerow({k: row.get(k) for k in fields})
+        print(json.dumps(row), flush=True)
+        score = selection_metrics.get("mask_ap50", 0.0)
+        score = -1.0 if score != score else score  # NaN → worst
+        metrics = {"elapsed_s": row["elapsed_s"], "selection": selection_metrics, "best_mask_ap50": max(best, score)}
+        save_checkpoint(out / "last.pt", model, optimizer, config, args, epoch, step, metrics)
+        if score >= best:
+            best = score
+            save_checkpoint(out / "best.pt", model, optimizer, config, args, epoch, step, metrics)
+        if done or step >= total_steps:
+            break
+    print(f"done: {step} steps in {time.time() - started:.0f} s; checkpoints in {out} (best selection mask AP50 {best:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))

@@ -1,0 +1,70 @@
+"""Gateway settings: defaults < environment < command-line flags.
+
+`SETTINGS` is the one table mapping each setting to its environment variable;
+the effective values are logged once at start-up (see server.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    backend: str = "embedded"  # embedded | triton
+    model_repository: Path = PROJECT_ROOT / "model_repository"
+    triton_url: str = "127.0.0.1:8001"
+    tumor_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    detection_threshold: float = 0.5
+    max_request_mb: float = 32.0
+    max_image_side: int = 8192
+    max_in_flight: int = 64
+    worker_threads: int = field(default_factory=_default_threads)
+    ort_threads: int = field(default_factory=_default_threads)
+    grace_period_s: float = 10.0
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 1024 * 1024)
+
+
+# setting name → environment variable
+SETTINGS: dict[str, str] = {f.name: f"BRAINSCAN_{f.name.upper()}" for f in dataclasses.fields(GatewayConfig)}
+
+
+def load_config(overrides: dict[str, object] | None = None, environ: dict[str, str] | None = None) -> GatewayConfig:
+    """Build the config from the environment, then apply non-None overrides (from flags)."""
+    environ = dict(os.environ) if environ is None else environ
+    values: dict[str, object] = {}
+    types = {f.name: f.type for f in dataclasses.fields(GatewayConfig)}
+    for name, variable in SETTINGS.items():
+        if variable in environ:
+            values[name] = _coerce(types[name], environ[variable], variable)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    config = GatewayConfig(**values)
+    if config.backend not in ("embedded", "triton"):
+        raise ValueError(f"backend must be 'embedded' or 'triton', got {config.backend!r}")
+    return config
+
+
+def _coerce(type_name: object, raw: str, variable: str) -> object:
+    converters = {"int": int, "float": float, "str": str, "Path": Path}
+    converter = converters.get(str(type_name), str)
+    try:
+        return converter(raw)
+    except ValueError:
+        raise ValueError(f"{variable}={raw!r} is not a valid {type_name}") from None

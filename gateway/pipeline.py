@@ -1,0 +1,201 @@
+"""One image → one analysis: decode → crop/resize/normalize → classifier →
+(U-Net ‖ Mask R-CNN) → results mapped back to the original pixels.
+
+CPU-bound numpy work runs in a thread pool so the event loop only schedules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.backends.base import Backend
+from gateway.config import GatewayConfig
+from gateway.errors import DeadlineExceeded, InvalidImage
+from gateway.postprocessing import (
+    InstanceResult,
+    SegmentationResult,
+    instances_from_maskrcnn,
+    segmentation_from_unet,
+)
+from gateway.preprocessing import CropBox, DecodedImage, decode_image, find_brain_box, prepare, to_unit_gray
+
+NO_TUMOR = "no_tumor"
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    segment: bool = True
+    detect: bool = True
+    gate: bool = True  # run U-Net / Mask R-CNN only when the classifier sees a tumor
+
+
+@dataclass(frozen=True)
+class Analysis:
+    label: str
+    probabilities: dict[str, float]
+    tumor_probability: float
+    tumor_detected: bool
+    image_height: int
+    image_width: int
+    segmentation: SegmentationResult | None
+    instances: list[InstanceResult]
+    segmentation_ran: bool
+    detection_ran: bool
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.timings_ms: dict[str, float] = {}
+
+    def record(self, stage: str, started: float) -> None:
+        self.timings_ms[stage] = round((time.perf_counter() - started) * 1000.0, 3)
+
+
+class Pipeline:
+    def __init__(self, backend: Backend, config: GatewayConfig, executor: ThreadPoolExecutor) -> None:
+        self.backend = backend
+        self.config = config
+        self._executor = executor
+
+    @property
+    def model_versions(self) -> dict[str, str]:
+        return {spec.name: spec.version for spec in self.backend.specs.values()}
+
+    async def analyze(
+        self,
+        image: bytes | np.ndarray,
+        options: AnalysisOptions = AnalysisOptions(),
+        *,
+        timeout_s: float | None = None,
+    ) -> tuple[Analysis, DecodedImage]:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        watch = _Stopwatch()
+        total_started = time.perf_counter()
+
+        started = time.perf_counter()
+        decoded = await loop.run_in_executor(self._executor, self._decode, image)
+        watch.record("decode", started)
+
+        started = time.perf_counter()
+        classifier_spec = self.backend.specs["classifier"]
+        crop = await loop.run_in_executor(self._executor, find_brain_box, decoded.pixels)
+        classifier_input = await loop.run_in_executor(
+            self._executor, prepare, decoded.pixels, classifier_spec.input_size, crop
+        )
+        watch.record("preprocess", started)
+
+        started = time.perf_counter()
+        outputs = await self.backend.infer(
+            "classifier",
+            {"image": classifier_input.tensor[None, :, :, None]},
+            timeout_s=_remaining(deadline, loop, "classifier"),
+        )
+        watch.record("classifier", started)
+        probabilities = outputs["probabilities"][0].astype(np.float64)
+        labels = classifier_spec.labels
+        by_label = {label: float(p) for label, p in zip(labels, probabilities)}
+        tumor_probability = 1.0 - by_label[NO_TUMOR]
+        tumor_detected = tumor_probability >= self.config.tumor_threshold
+        run_downstream = tumor_detected or not options.gate
+
+        segment = run_downstream and options.segment
+        detect = run_downstream and options.detect
+        segmentation, instances = await asyncio.gather(
+            self._segment(decoded, crop, deadline, watch) if segment else _value(None),
+            self._detect(decoded, crop, deadline, watch) if detect else _value([]),
+        )
+        watch.record("total", total_started)
+        analysis = Analysis(
+            label=labels[int(np.argmax(probabilities))],
+            probabilities=by_label,
+            tumor_probability=tumor_probability,
+            tumor_detected=tumor_detected,
+            image_height=int(decoded.pixels.shape[0]),
+            image_width=int(decoded.pixels.shape[1]),
+            segmentation=segmentation,
+            instances=instances,
+            segmentation_ran=segment,
+            detection_ran=detect,
+            timings_ms=watch.timings_ms,
+        )
+        return analysis, decoded
+
+    def _decode(self, image: bytes | np.ndarray) -> DecodedImage:
+        if isinstance(image, np.ndarray):
+            return DecodedImage(pixels=to_unit_gray(image, max_side=self.config.max_image_side))
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return decode_image(bytes(image), max_side=self.config.max_image_side)
+        raise InvalidImage(f"unsupported image type {type(image).__name__}")
+
+    async def _segment(
+        self, decoded: DecodedImage, crop: CropBox, deadline: float | None, watch: _Stopwatch
+    ) -> SegmentationResult | None:
+        loop = asyncio.get_running_loop()
+        spec = self.backend.specs["unet"]
+        prepared = await loop.run_in_executor(self._executor, prepare, decoded.pixels, spec.input_size, crop)
+        started = time.perf_counter()
+        outputs = await self.backend.infer(
+            "unet", {"image": prepared.tensor[None, :, :, None]}, timeout_s=_remaining(deadline, loop, "unet")
+        )
+        watch.record("unet", started)
+        started = time.perf_counter()
+        result = await loop.run_in_executor(
+            self._executor,
+            lambda: segmentation_from_unet(
+                outputs["mask"][0, :, :, 0],
+                prepared,
+                threshold=self.config.mask_threshold,
+                spacing=decoded.pixel_spacing_mm,
+            ),
+        )
+        watch.record("unet_postprocess", started)
+        return result
+
+    async def _detect(
+        self, decoded: DecodedImage, crop: CropBox, deadline: float | None, watch: _Stopwatch
+    ) -> list[InstanceResult]:
+        loop = asyncio.get_running_loop()
+        spec = self.backend.specs["maskrcnn"]
+        size = spec.input_size
+        prepared = await loop.run_in_executor(self._executor, prepare, decoded.pixels, size, crop)
+        started = time.perf_counter()
+        outputs = await self.backend.infer(
+            "maskrcnn", {"image": prepared.tensor[None]}, timeout_s=_remaining(deadline, loop, "maskrcnn")
+        )
+        watch.record("maskrcnn", started)
+        started = time.perf_counter()
+        result = await loop.run_in_executor(
+            self._executor,
+            lambda: instances_from_maskrcnn(
+                outputs["boxes"],
+                outputs["scores"],
+                outputs["masks"],
+                prepared,
+                grid_size=size,
+                score_threshold=self.config.detection_threshold,
+                mask_threshold=self.config.mask_threshold,
+                spacing=decoded.pixel_spacing_mm,
+            ),
+        )
+        watch.record("maskrcnn_postprocess", started)
+        return result
+
+
+async def _value(value):
+    return value
+
+
+def _remaining(deadline: float | None, loop: asyncio.AbstractEventLoop, stage: str) -> float | None:
+    if deadline is None:
+        return None
+    remaining = deadline - loop.time()
+    if remaining <= 0:
+        raise DeadlineExceeded(f"deadline exceeded before the {stage} stage")
+    return remaining

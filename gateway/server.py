@@ -1,0 +1,123 @@
+"""Builds and runs the grpc.aio gateway: BrainScan service, health, reflection.
+
+`build_server(config)` returns a `Gateway` whose server is bound (port 0 picks a
+free one) but not started; `serve(config)` runs it until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from brainscan.v1 import brainscan_pb2, brainscan_pb2_grpc
+from gateway.backends.base import Backend
+from gateway.config import GatewayConfig
+from gateway.pipeline import Pipeline
+from gateway.service import BrainScanService
+
+log = logging.getLogger("brainscan.gateway")
+
+SERVICE_NAME = brainscan_pb2.DESCRIPTOR.services_by_name["BrainScan"].full_name
+HEALTH_POLL_S = 2.0
+
+
+def make_backend(config: GatewayConfig, executor: ThreadPoolExecutor) -> Backend:
+    if config.backend == "triton":
+        from gateway.backends.triton import TritonBackend
+
+        return TritonBackend(config.triton_url, config.model_repository)
+    from gateway.backends.embedded import EmbeddedBackend
+
+    return EmbeddedBackend(config.model_repository, threads=config.ort_threads)
+
+
+def grpc_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        ("grpc.max_send_message_length", config.max_request_bytes),
+    ]
+
+
+@dataclass
+class Gateway:
+    server: grpc.aio.Server
+    port: int
+    backend: Backend
+    health: health.aio.HealthServicer
+    config: GatewayConfig
+    executor: ThreadPoolExecutor
+    _health_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Load models, start serving, report SERVING once the backend is ready."""
+        await self.backend.start()
+        await self.server.start()
+        await self._set_health(await self.backend.is_ready())
+        self._health_task = asyncio.create_task(self._watch_backend())
+        log.info("gateway listening on %s:%d (backend %s)", self.config.host, self.port, self.backend.kind)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Health goes NOT_SERVING first, then in-flight calls get `grace_s` to finish."""
+        await self.health.enter_graceful_shutdown()
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+        await self.backend.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _set_health(self, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _watch_backend(self) -> None:
+        # Keeps health honest when a remote model server goes away and comes back.
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            try:
+                ready = await self.backend.is_ready()
+            except Exception:  # a health probe must never kill the loop
+                ready = False
+            await self._set_health(ready)
+
+
+def build_server(config: GatewayConfig) -> Gateway:
+    executor = ThreadPoolExecutor(max_workers=max(2, config.worker_threads), thread_name_prefix="pre")
+    backend = make_backend(config, executor)
+    pipeline = Pipeline(backend, config, executor)
+    server = grpc.aio.server(options=grpc_options(config))
+    brainscan_pb2_grpc.add_BrainScanServicer_to_server(
+        BrainScanService(pipeline, max_in_flight=config.max_in_flight), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port} (address in use?)")
+    return Gateway(server=server, port=port, backend=backend, health=health_servicer, config=config, executor=executor)
+
+
+async def serve(config: GatewayConfig, *, ready_message: bool = True) -> None:
+    log.info("effective settings: %s", {k: str(v) for k, v in asdict(config).items()})
+    gateway = build_server(config)
+    await gateway.start()
+    if ready_message:
+        print(f"brainscan gateway serving on {config.host}:{gateway.port} (backend: {config.backend})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests for up to %.1f s", config.grace_period_s)
+    await gateway.stop()

@@ -1,0 +1,179 @@
+"""gRPC servicer: proto ↔ domain only. Errors become statuses through gateway.errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from brainscan.v1 import brainscan_pb2 as pb
+from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+from gateway.errors import BrainscanError, InvalidImage, Overloaded, status_code_for
+from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
+from gateway.postprocessing import MaskRegion
+from gateway.contract import DISCLAIMER
+
+log = logging.getLogger("brainscan.gateway")
+
+_RAW_DTYPES = {"uint8", "uint16", "int16", "float32", "float64"}
+
+
+class BrainScanService(pb_grpc.BrainScanServicer):
+    def __init__(self, pipeline: Pipeline, *, max_in_flight: int) -> None:
+        self.pipeline = pipeline
+        self._slots = asyncio.Semaphore(max_in_flight)
+
+    async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
+        request_id = _request_id(context)
+        try:
+            return await self._analyze(request, context)
+        except BrainscanError as error:
+            await context.abort(status_code_for(error), str(error))
+        except Exception:
+            log.exception("internal error", extra={"request_id": request_id})
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+        raise AssertionError("unreachable")  # context.abort always raises
+
+    async def AnalyzeStream(
+        self, request_iterator: AsyncIterator[pb.AnalyzeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AnalyzeResponse]:
+        request_id = _request_id(context)
+        async for request in request_iterator:
+            try:
+                yield await self._analyze(request, context)
+            except BrainscanError as error:
+                yield pb.AnalyzeResponse(
+                    image_id=request.image_id,
+                    error=pb.Error(code=status_code_for(error).name, message=str(error)),
+                )
+            except Exception:
+                log.exception("internal error", extra={"request_id": request_id})
+                yield pb.AnalyzeResponse(
+                    image_id=request.image_id,
+                    error=pb.Error(code="INTERNAL", message=f"internal error (request id {request_id})"),
+                )
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        config = self.pipeline.config
+        models = [
+            pb.ModelInfo(
+                name=spec.name,
+                version=spec.version,
+                role=role,
+                labels=list(spec.labels),
+                input_size=spec.input_size,
+            )
+            for role, spec in self.pipeline.backend.specs.items()
+        ]
+        return pb.GetModelInfoResponse(
+            models=models,
+            backend=self.pipeline.backend.kind,
+            tumor_threshold=config.tumor_threshold,
+            mask_threshold=config.mask_threshold,
+            detection_threshold=config.detection_threshold,
+            disclaimer=DISCLAIMER,
+        )
+
+    async def _analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
+        image = image_from_request(request)
+        options = AnalysisOptions(
+            segment=not request.options.skip_segmentation,
+            detect=not request.options.skip_detection,
+            gate=not request.options.ungated,
+        )
+        timeout_s = context.time_remaining()
+        await self._acquire(timeout_s)
+        try:
+            analysis, decoded = await self.pipeline.analyze(image, options, timeout_s=timeout_s)
+        finally:
+            self._slots.release()
+        return response_from_analysis(analysis, request.image_id, self.pipeline.model_versions)
+
+    async def _acquire(self, timeout_s: float | None) -> None:
+        """Wait for an in-flight slot up to the caller's deadline; never queue without bound."""
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=timeout_s if timeout_s is not None else 0.0)
+        except asyncio.TimeoutError:
+            raise Overloaded("the gateway is at its in-flight request limit; retry later") from None
+
+
+def image_from_request(request: pb.AnalyzeRequest) -> bytes | np.ndarray:
+    kind = request.WhichOneof("image")
+    if kind == "encoded":
+        if not request.encoded:
+            raise InvalidImage("image is empty (0 bytes)")
+        return request.encoded
+    if kind == "raw":
+        return array_from_raw(request.raw)
+    raise InvalidImage("request carries no image: set `encoded` (PNG/JPEG/DICOM bytes) or `raw` (pixels)")
+
+
+def array_from_raw(raw: pb.RawPixels) -> np.ndarray:
+    if raw.dtype not in _RAW_DTYPES:
+        raise InvalidImage(f"raw dtype {raw.dtype!r} is not supported; use one of {sorted(_RAW_DTYPES)}")
+    shape = tuple(int(s) for s in raw.shape)
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
+        raise InvalidImage(f"raw shape {list(shape)} must be [H, W] or [H, W, C] with C in 1, 3, 4")
+    dtype = np.dtype(raw.dtype).newbyteorder("<")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if expected != len(raw.data):
+        raise InvalidImage(
+            f"raw data is {len(raw.data)} bytes but shape {list(shape)} of {raw.dtype} needs {expected}"
+        )
+    return np.frombuffer(raw.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def response_from_analysis(analysis: Analysis, image_id: str, versions: dict[str, str]) -> pb.AnalyzeResponse:
+    response = pb.AnalyzeResponse(
+        image_id=image_id,
+        label=analysis.label,
+        probabilities=analysis.probabilities,
+        tumor_probability=analysis.tumor_probability,
+        tumor_detected=analysis.tumor_detected,
+        model_versions=versions,
+        timings_ms=analysis.timings_ms,
+        image_width=analysis.image_width,
+        image_height=analysis.image_height,
+        segmentation_ran=analysis.segmentation_ran,
+        detection_ran=analysis.detection_ran,
+    )
+    if analysis.segmentation is not None:
+        seg = analysis.segmentation
+        response.segmentation.CopyFrom(
+            pb.Segmentation(mask=_mask(seg.mask), area_px=seg.area_px, bbox=_box(seg.bbox), area_mm2=seg.area_mm2)
+        )
+    for instance in analysis.instances:
+        response.instances.append(
+            pb.Instance(
+                box=_box(instance.box),
+                score=instance.score,
+                mask=_mask(instance.mask),
+                area_px=instance.area_px,
+                area_mm2=instance.area_mm2,
+            )
+        )
+    return response
+
+
+def _mask(region: MaskRegion) -> pb.Mask:
+    return pb.Mask(left=region.left, top=region.top, width=region.width, height=region.height, png=region.png)
+
+
+def _box(box: tuple[float, float, float, float]) -> pb.Box:
+    return pb.Box(x0=box[0], y0=box[1], x1=box[2], y1=box[3])
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value:
+            return str(value)[:128]
+    return uuid.uuid4().hex

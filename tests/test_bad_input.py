@@ -1,0 +1,142 @@
+"""Bad input gets a clear status and the gateway keeps serving."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import grpc
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from brainscan import Client, InvalidInput, Overloaded
+from brainscan.v1 import brainscan_pb2 as pb
+from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+from tests.conftest import png_bytes, start_gateway, stop_gateway, synthetic_slice
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width×height, with a tiny (invalid) body: a decompression-bomb probe."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def dicom_bytes(pixels: np.ndarray | None, *, spacing: tuple[float, float] | None = None) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = FileDataset("slice.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
+    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "MR"
+    if pixels is not None:
+        dataset.Rows, dataset.Columns = pixels.shape
+        dataset.SamplesPerPixel = 1
+        dataset.PhotometricInterpretation = "MONOCHROME2"
+        dataset.BitsAllocated = 16
+        dataset.BitsStored = 16
+        dataset.HighBit = 15
+        dataset.PixelRepresentation = 0
+        dataset.PixelData = pixels.astype(np.uint16).tobytes()
+    if spacing is not None:
+        dataset.PixelSpacing = [str(spacing[0]), str(spacing[1])]
+    import io
+
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+BAD_ENCODED = {
+    "empty bytes": (b"", "empty"),
+    "text bytes": (b"hello, this is not an image at all" * 10, "unrecognised image format"),
+    "truncated PNG": (png_bytes(synthetic_slice(128))[:200], "could not be decoded"),
+    "1x1 PNG": (png_bytes(np.zeros((1, 1), np.uint8)), "at least"),
+    "20000x20000 PNG": (png_header_only(20000, 20000), "at most"),
+    "DICOM without pixel data": (dicom_bytes(None), "no pixel data"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENCODED))
+def test_bad_bytes_get_invalid_argument_and_the_server_keeps_serving(gateway, case):
+    data, message = BAD_ENCODED[case]
+    with Client(gateway.address) as client:
+        with pytest.raises(InvalidInput, match=message) as caught:
+            client.analyze(data)
+        assert caught.value.code == "INVALID_ARGUMENT"
+        assert client.analyze(synthetic_slice(96)).label  # still serving
+    assert gateway.alive()
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (pb.RawPixels(data=b"\x00" * 400, shape=[10, 10], dtype="int32"), "dtype"),
+        (pb.RawPixels(data=b"\x00" * 500, shape=[10, 10, 5], dtype="uint8"), "shape"),
+        (pb.RawPixels(data=b"\x00" * 10, shape=[64, 64], dtype="uint8"), "needs 4096"),
+        (pb.RawPixels(data=b"\x00" * 64, shape=[64], dtype="uint8"), "shape"),
+        (pb.RawPixels(data=np.full((64, 64), np.nan, np.float32).tobytes(), shape=[64, 64], dtype="float32"), "NaN"),
+    ],
+    ids=["int32 dtype", "five channels", "length mismatch", "one dimension", "NaN pixels"],
+)
+def test_bad_raw_arrays_get_invalid_argument(gateway, raw, message):
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = pb_grpc.BrainScanStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Analyze(pb.AnalyzeRequest(raw=raw), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in caught.value.details()
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.Analyze(pb.AnalyzeRequest(), timeout=30)
+        assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no image" in missing.value.details()
+
+
+def test_sdk_refuses_unsupported_arrays_before_sending(gateway):
+    with Client(gateway.address) as client:
+        with pytest.raises(InvalidInput, match="dtype"):
+            client.analyze(np.zeros((64, 64), dtype=np.int32))
+        with pytest.raises(InvalidInput, match="shape"):
+            client.analyze(np.zeros((4, 64, 64, 2), dtype=np.uint8))
+        with pytest.raises(InvalidInput, match="no such image file"):
+            client.analyze("/nonexistent/slice.png")
+
+
+def test_oversized_request_is_refused_with_a_clear_status(gateway):
+    huge = np.random.default_rng(0).integers(0, 255, size=40 * 1024 * 1024, dtype=np.uint8).tobytes()
+    with Client(gateway.address) as client:
+        with pytest.raises(Overloaded, match="larger than max"):
+            client.analyze(huge)
+        assert client.analyze(synthetic_slice(96)).label
+    assert gateway.alive()
+
+
+@pytest.fixture(scope="module")
+def permissive_gateway(tiny_repository, tmp_path_factory):
+    """Mask threshold 0: every pixel is tumor, so areas are known exactly whatever the random weights say."""
+    gateway = start_gateway(
+        tiny_repository, tmp_path_factory.mktemp("logs"), env={"BRAINSCAN_MASK_THRESHOLD": "0"}
+    )
+    yield gateway
+    stop_gateway(gateway)
+
+
+def test_dicom_with_pixel_spacing_reports_areas_in_mm2(permissive_gateway):
+    pixels = synthetic_slice(128).astype(np.uint16) * 16
+    with Client(permissive_gateway.address) as client:
+        result = client.analyze(dicom_bytes(pixels[:, :100], spacing=(0.5, 0.8)), gate=False, detect=False)
+        plain = client.analyze(pixels[:, :100], gate=False, detect=False)
+    assert result.image_size == (128, 100)
+    assert result.mask is not None and result.mask.all()
+    assert result.segmentation_area_px == 128 * 100
+    assert result.segmentation_bbox == (0.0, 0.0, 100.0, 128.0)
+    assert result.segmentation_area_mm2 == pytest.approx(128 * 100 * 0.5 * 0.8, rel=1e-6)
+    assert plain.segmentation_area_mm2 is None  # no spacing without DICOM

@@ -1,0 +1,86 @@
+"""Preprocessing and mask mapping: the numbers train and serve share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway.errors import InvalidImage
+from gateway.postprocessing import instances_from_maskrcnn, segmentation_from_unet
+from gateway.preprocessing import (
+    CropBox,
+    boxes_to_original,
+    decode_image,
+    find_brain_box,
+    mask_to_original,
+    prepare,
+    to_unit_gray,
+)
+from tests.conftest import png_bytes, synthetic_slice
+
+
+def test_brain_box_hugs_the_head():
+    image = np.zeros((300, 400), np.float32)
+    image[50:250, 100:330] = 0.6
+    box = find_brain_box(image)
+    # the head's extent plus a 2% margin (5 px here) and a pixel or two of blur
+    assert 92 <= box.x0 <= 96 and 334 <= box.x1 <= 338
+    assert 43 <= box.y0 <= 47 and 253 <= box.y1 <= 257
+
+
+def test_blank_image_falls_back_to_the_whole_frame():
+    assert find_brain_box(np.zeros((64, 80), np.float32)) == CropBox(0, 0, 80, 64)
+
+
+def test_prepare_gives_a_normalized_square():
+    prepared = prepare(to_unit_gray(synthetic_slice(200)), 96)
+    assert prepared.tensor.shape == (96, 96) and prepared.tensor.dtype == np.float32
+    assert prepared.tensor.min() == 0.0 and prepared.tensor.max() == 1.0
+
+
+def test_masks_and_boxes_map_back_to_original_pixels():
+    gray = np.zeros((300, 400), np.float32)
+    gray[50:250, 100:300] = 0.6  # the crop is then 200×200 (plus margin)
+    prepared = prepare(gray, 100)
+    crop = prepared.crop
+    grid_mask = np.zeros((100, 100), np.float32)
+    grid_mask[25:75, 25:75] = 1.0  # the middle half of the crop
+    full = mask_to_original(grid_mask, prepared) >= 0.5
+    ys, xs = np.nonzero(full)
+    assert abs(xs.min() - (crop.x0 + crop.width / 4)) <= 2 and abs(xs.max() + 1 - (crop.x0 + 3 * crop.width / 4)) <= 2
+    box = boxes_to_original(np.array([[25, 25, 75, 75]], np.float32), prepared, 100)[0]
+    assert box == pytest.approx([crop.x0 + crop.width / 4, crop.y0 + crop.height / 4,
+                                 crop.x0 + 3 * crop.width / 4, crop.y0 + 3 * crop.height / 4], abs=1e-3)
+
+
+def test_postprocessing_encodes_cut_out_masks_with_areas():
+    gray = np.zeros((120, 160), np.float32)
+    gray[10:110, 30:130] = 0.6
+    prepared = prepare(gray, 50)
+    probabilities = np.zeros((50, 50), np.float32)
+    probabilities[10:20, 10:30] = 0.9
+    seg = segmentation_from_unet(probabilities, prepared, threshold=0.5, spacing=(0.5, 0.5))
+    assert seg is not None and seg.area_px > 0 and seg.area_mm2 == pytest.approx(seg.area_px * 0.25)
+    assert seg.mask.width == seg.bbox[2] - seg.bbox[0]
+    assert segmentation_from_unet(np.zeros((50, 50), np.float32), prepared, threshold=0.5, spacing=None) is None
+    masks = np.zeros((2, 1, 50, 50), np.float32)
+    masks[0, 0, 10:20, 10:30] = 1.0
+    instances = instances_from_maskrcnn(
+        np.array([[10, 10, 30, 20], [0, 0, 5, 5]], np.float32), np.array([0.9, 0.2], np.float32), masks, prepared,
+        grid_size=50, score_threshold=0.5, mask_threshold=0.5, spacing=None,
+    )
+    assert len(instances) == 1 and instances[0].score == pytest.approx(0.9)
+    assert instances[0].area_px == pytest.approx(seg.area_px, rel=0.1)
+
+
+@pytest.mark.parametrize("scale, dtype", [(1, np.uint8), (257, np.uint16)])
+def test_decode_png_of_each_depth(scale, dtype):
+    image = synthetic_slice(64).astype(dtype) * scale
+    decoded = decode_image(png_bytes(image))
+    assert decoded.pixels.shape == (64, 64) and decoded.pixels.dtype == np.float32
+    assert decoded.pixels.min() == 0.0 and decoded.pixels.max() <= 1.0
+
+
+def test_unsupported_array_dtype_is_refused():
+    with pytest.raises(InvalidImage, match="int32"):
+        to_unit_gray(np.zeros((64, 64), np.int32))
