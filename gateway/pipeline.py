@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -87,7 +88,7 @@ class Pipeline:
         classifier_spec = self.backend.specs["classifier"]
         crop = await loop.run_in_executor(self._executor, find_brain_box, decoded.pixels)
         classifier_input = await loop.run_in_executor(
-            self._executor, prepare, decoded.pixels, classifier_spec.input_size, crop
+            self._executor, partial(prepare, decoded.pixels, classifier_spec.input_size, crop=crop)
         )
         watch.record("preprocess", started)
 
@@ -139,7 +140,9 @@ class Pipeline:
     ) -> SegmentationResult | None:
         loop = asyncio.get_running_loop()
         spec = self.backend.specs["unet"]
-        prepared = await loop.run_in_executor(self._executor, prepare, decoded.pixels, spec.input_size, crop)
+        prepared = await loop.run_in_executor(
+            self._executor, partial(prepare, decoded.pixels, spec.input_size, crop=crop)
+        )
         started = time.perf_counter()
         outputs = await self.backend.infer(
             "unet", {"image": prepared.tensor[None, :, :, None]}, timeout_s=_remaining(deadline, loop, "unet")
@@ -164,7 +167,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         spec = self.backend.specs["maskrcnn"]
         size = spec.input_size
-        prepared = await loop.run_in_executor(self._executor, prepare, decoded.pixels, size, crop)
+        prepared = await loop.run_in_executor(self._executor, partial(prepare, decoded.pixels, size, crop=crop))
         started = time.perf_counter()
         outputs = await self.backend.infer(
             "maskrcnn", {"image": prepared.tensor[None]}, timeout_s=_remaining(deadline, loop, "maskrcnn")

@@ -223,7 +223,7 @@ def _rescale_to_unit(array: np.ndarray, *, source_dtype: np.dtype) -> np.ndarray
 
 def _decode_raster(data: bytes, *, max_side: int) -> DecodedImage:
     # Read the header first so a decompression bomb is refused before allocating it.
-    header_size = _raster_size(data)
+    header_size = _raster_size(data, max_side)
     if header_size is not None:
         _check_size((header_size[1], header_size[0]), max_side)
     buffer = np.frombuffer(data, dtype=np.uint8)
@@ -237,13 +237,18 @@ def _decode_raster(data: bytes, *, max_side: int) -> DecodedImage:
     return DecodedImage(pixels=to_unit_gray(decoded, max_side=max_side), source_format=source)
 
 
-def _raster_size(data: bytes) -> tuple[int, int] | None:
+def _raster_size(data: bytes, max_side: int) -> tuple[int, int] | None:
     """(width, height) from the header, without decoding pixels."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.size
+    except Image.DecompressionBombError:
+        raise InvalidImage(
+            f"image header claims more than {2 * Image.MAX_IMAGE_PIXELS} pixels; each side must be at most "
+            f"{max_side}"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise InvalidImage(
             f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)"

@@ -297,11 +297,15 @@ class LocalTriton:
         assert self._process is not None
         return self._process.wait()
 
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+    def log_text(self) -> str:
         if self.log_path is None or not self.log_path.exists():
             return ""
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """Last lines of the server log, without the blank lines and table borders Triton prints."""
+        kept = [line for line in self.log_text().splitlines() if line.strip() and not line.startswith("+")]
+        return "\n".join(kept[-lines:])
 
     # --- internals ---------------------------------------------------------
 
@@ -371,19 +375,23 @@ class LocalTriton:
 
     def _failure(self, headline: str) -> str:
         tail = self.log_tail()
-        cause = diagnose(tail)
+        cause = diagnose(self.log_text())
         parts = [f"cannot start Triton: {cause}" if cause else "cannot start Triton", headline]
         parts.append(f"--- last lines of {self.log_path} ---\n{tail}")
         return "\n".join(parts)
 
 
 _CAUSES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"[Ss]ocket '([^']+)' already in use|Address already in use[^\n]*"), "address already in use: {0}"),
-    (re.compile(r"failed to load '([^']+)'[^:]*: ([^\n]+)"), "model {0!r} failed to load: {1}"),
+    (re.compile(r"[Ss]ocket '([^']+)' already in use"), "address {0} already in use"),
+    (re.compile(r"Address already in use[^\n\"]*"), "{0}"),
+    # the message is one log line with escaped newlines; keep its first line
+    (re.compile(r"failed to load '([^']+)'[^:]*: (.+?)(?:\\n|\"?$)", re.MULTILINE), "model {0!r} failed to load: {1}"),
     (re.compile(r"error while loading shared libraries: ([^\n]+)"), "missing shared library: {0}"),
     (re.compile(r"No module named '([^']+)'"), "Python package {0!r} not found by the backend stub"),
+    (re.compile(r"^error: (.+)$", re.MULTILINE), "{0}"),
 ]
-_ERROR_LINE = re.compile(r"^E\d{4} [^\]]*\] (.+)$", re.MULTILINE)
+_ERROR_LINE = re.compile(r"^E\d{4} [^\]]*\] \"?(.+?)\"?$", re.MULTILINE)
+_HARMLESS = ("CudaDriverHelper", "NVML", "DCGM", "pinned memory")
 
 
 def diagnose(log: str) -> str:
@@ -391,8 +399,8 @@ def diagnose(log: str) -> str:
     for pattern, template in _CAUSES:
         match = pattern.search(log)
         if match:
-            return template.format(*(g or match.group(0) for g in (match.groups() or (match.group(0),))))
-    errors = _ERROR_LINE.findall(log)
+            return template.format(*(match.groups() or (match.group(0),)))
+    errors = [e for e in _ERROR_LINE.findall(log) if not any(h in e for h in _HARMLESS)]
     return errors[0] if errors else ""
 
 

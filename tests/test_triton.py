@@ -1,0 +1,295 @@
+"""Local Triton (shim repository + real tritonserver), the Triton backend, and the bench.
+
+Everything runs real processes on loopback ports: tritonserver from
+nvidia-pytriton, tritonclient over gRPC, perf_analyzer. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from gateway.backends.triton import TritonBackend
+from gateway.contract import CONFIG_FILE, MODEL_FILE, load_repository, parse_config
+from gateway.errors import BackendUnavailable, ContractError
+from gateway.triton_local import LocalTriton, TritonStartupError, build_shim_repository, shim_config
+from tests.conftest import png_bytes, synthetic_slice
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def model_inputs(spec, rng: np.random.Generator, batch: int = 2) -> dict[str, np.ndarray]:
+    """Random inputs laid out as the contract says (variable dims at the model's input size)."""
+    size = spec.input_size
+    inputs = {}
+    for tensor in spec.inputs:
+        dims = [size if d < 0 else d for d in tensor.dims]
+        shape = ([batch] if spec.max_batch_size > 0 else []) + dims
+        inputs[tensor.name] = rng.random(shape, dtype=np.float32).astype(tensor.dtype)
+    return inputs
+
+
+def copy_repository(source: Path, destination: Path) -> Path:
+    """Configs and labels copied, ONNX files linked (cheap, and editable without touching the source)."""
+    shutil.copytree(source, destination, copy_function=os.symlink, dirs_exist_ok=True)
+    for config in destination.glob(f"*/{CONFIG_FILE}"):
+        text = config.read_text()
+        config.unlink()
+        config.write_text(text)
+    return destination
+
+
+# --- shim repository (no server) ------------------------------------------
+
+
+def test_shim_repository_keeps_the_contract(tiny_repository: Path, tmp_path: Path) -> None:
+    names = build_shim_repository(tiny_repository, tmp_path)
+    assert set(names) >= {"classifier", "unet", "maskrcnn"}
+    for name in names:
+        original = parse_config(tiny_repository / name / CONFIG_FILE)
+        shim = parse_config(tmp_path / name / CONFIG_FILE)
+        assert shim.backend == "python" and shim.platform == ""
+        for field in ("name", "input", "output", "max_batch_size", "dynamic_batching", "instance_group", "parameters"):
+            assert getattr(shim, field) == getattr(original, field), (name, field)
+        version = tmp_path / name / "1"
+        assert (version / "model.py").is_file()
+        assert (version / MODEL_FILE).resolve() == (tiny_repository / name / "1" / MODEL_FILE).resolve()
+    # labels travel with the classifier; the canonical repository is untouched
+    assert (tmp_path / "classifier" / "labels.txt").read_text() == (tiny_repository / "classifier" / "labels.txt").read_text()
+    assert parse_config(tiny_repository / "unet" / CONFIG_FILE).backend == "onnxruntime"
+
+
+def test_shim_config_moves_gpu_instances_to_cpu_only_without_gpus() -> None:
+    config = text_format.Parse(
+        'name: "unet" platform: "onnxruntime_onnx" max_batch_size: 8 '
+        'instance_group { count: 2 kind: KIND_GPU gpus: 0 } '
+        'optimization { execution_accelerators { gpu_execution_accelerator { name: "tensorrt" } } }',
+        mc.ModelConfig(),
+    )
+    cpu = shim_config(config, gpu_available=False)
+    assert cpu.backend == "python" and not cpu.platform
+    assert cpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and cpu.instance_group[0].count == 2
+    assert not cpu.optimization.execution_accelerators.gpu_execution_accelerator
+    gpu = shim_config(config, gpu_available=True)
+    assert gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and list(gpu.instance_group[0].gpus) == [0]
+
+
+# --- the server ------------------------------------------------------------
+
+
+def test_server_is_ready_on_loopback_with_every_model(running_triton: LocalTriton, tiny_repository: Path) -> None:
+    host, port = running_triton.grpc_url.split(":")
+    assert host == "127.0.0.1" and int(port) > 0
+    for name in load_repository(tiny_repository):
+        with urllib.request.urlopen(f"{running_triton.http_url}/v2/models/{name}/ready", timeout=5) as reply:
+            assert reply.status == 200
+
+
+def test_start_fails_fast_when_the_port_is_taken(tiny_repository: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = LocalTriton(tiny_repository, grpc_port=port)
+        started = time.monotonic()
+        with pytest.raises(TritonStartupError, match=rf"grpc port {port} .*already in use"):
+            server.start()
+        server.close()
+    assert time.monotonic() - started < 10
+
+
+def test_start_fails_naming_a_model_that_cannot_load(tiny_repository: Path, tmp_path: Path) -> None:
+    repository = copy_repository(tiny_repository, tmp_path / "repo")
+    broken = repository / "unet" / "1" / MODEL_FILE
+    broken.unlink()
+    broken.write_bytes(b"this is not an ONNX file")
+    server = LocalTriton(repository, models=["classifier", "unet"], startup_timeout_s=120)
+    with pytest.raises(TritonStartupError) as failure:
+        server.start()
+    server.close()
+    message = str(failure.value)
+    assert "model 'unet' failed to load" in message.splitlines()[0], message
+    assert "--- last lines of" in message  # the log tail comes with it
+    assert not server.is_running()
+
+
+def test_cli_runs_until_sigterm_and_stops_cleanly(tiny_repository: Path, tmp_path: Path) -> None:
+    log = tmp_path / "triton-cli.log"
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.triton_local", "--model-repository", str(tiny_repository),
+             "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"],
+            stdout=handle, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "Triton ready" not in log.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.2)
+        assert "Triton ready" in log.read_text(), log.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=40) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    shim_dir = log.read_text().split("log ")[-1].split("tritonserver.log")[0]
+    assert not Path(shim_dir).exists(), "temporary shim repository was not removed"
+
+
+# --- the Triton backend ----------------------------------------------------
+
+
+def test_backend_matches_onnxruntime(running_triton: LocalTriton, tiny_repository: Path) -> None:
+    rng = np.random.default_rng(7)
+
+    async def check() -> None:
+        backend = TritonBackend(running_triton.grpc_url, tiny_repository)
+        await backend.start()
+        try:
+            assert backend.kind == "triton" and await backend.is_ready()
+            for role, spec in backend.specs.items():
+                inputs = model_inputs(spec, rng)
+                served = await backend.infer(role, inputs, timeout_s=60)
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = 1
+                session = ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
+                names = [t.name for t in spec.outputs]
+                reference = dict(zip(names, session.run(names, inputs)))
+                assert set(served) == set(names)
+                for name in names:
+                    assert served[name].dtype == spec.output(name).dtype
+                    assert served[name].shape == reference[name].shape, (role, name)
+                    np.testing.assert_allclose(served[name], reference[name], rtol=1e-4, atol=1e-5, err_msg=f"{role}.{name}")
+        finally:
+            await backend.close()
+
+    run(check())
+
+
+def test_backend_names_expected_and_actual_on_bad_input(running_triton: LocalTriton, tiny_repository: Path) -> None:
+    async def check() -> None:
+        backend = TritonBackend(running_triton.grpc_url, tiny_repository)
+        await backend.start()
+        try:
+            spec = backend.specs["unet"]
+            good = model_inputs(spec, np.random.default_rng(0), batch=1)["image"]
+            with pytest.raises(ContractError, match=r"'unet' input 'image': expected FP32 .*got float64"):
+                await backend.infer("unet", {"image": good.astype(np.float64)})
+            with pytest.raises(ContractError, match=r"expected shape \[-1, .*got \[1, 3"):
+                await backend.infer("unet", {"image": good[:, :3]})
+            with pytest.raises(ContractError, match="is missing"):
+                await backend.infer("unet", {})
+        finally:
+            await backend.close()
+
+    run(check())
+
+
+def test_backend_refuses_a_repository_that_differs_from_what_triton_serves(
+    running_triton: LocalTriton, tiny_repository: Path, tmp_path: Path
+) -> None:
+    repository = copy_repository(tiny_repository, tmp_path / "repo")
+    config_path = repository / "unet" / CONFIG_FILE
+    config = parse_config(config_path)
+    served_batch = config.max_batch_size
+    config.max_batch_size = served_batch + 1
+    config_path.write_text(text_format.MessageToString(config))
+
+    async def check() -> None:
+        backend = TritonBackend(running_triton.grpc_url, repository)
+        try:
+            with pytest.raises(ContractError, match=rf"'unet'.*max_batch_size {served_batch + 1}, Triton serves {served_batch}"):
+                await backend.start()
+        finally:
+            await backend.close()
+
+    run(check())
+
+
+def test_backend_start_reports_unreachable_triton(tiny_repository: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+
+    async def check() -> None:
+        backend = TritonBackend(f"127.0.0.1:{port}", tiny_repository, startup_wait_s=0.5)
+        try:
+            with pytest.raises(BackendUnavailable, match=rf"127.0.0.1:{port} is not ready"):
+                await backend.start()
+            assert not await backend.is_ready()
+        finally:
+            await backend.close()
+
+    run(check())
+
+
+def test_health_flips_while_triton_is_down_and_back(running_triton: LocalTriton, tiny_repository: Path) -> None:
+    async def check() -> None:
+        backend = TritonBackend(running_triton.grpc_url, tiny_repository, max_retries=2, backoff_s=0.05)
+        await backend.start()
+        spec = backend.specs["classifier"]
+        inputs = model_inputs(spec, np.random.default_rng(1), batch=1)
+        url = running_triton.grpc_url
+        try:
+            before = await backend.infer("classifier", inputs, timeout_s=30)
+            running_triton.stop()
+            assert not await backend.is_ready()
+            with pytest.raises(BackendUnavailable, match=r"'classifier' .*unavailable after 3 attempt"):
+                await backend.infer("classifier", inputs, timeout_s=10)
+            running_triton.start()  # same ports
+            assert running_triton.grpc_url == url
+            deadline = time.monotonic() + 30
+            while not await backend.is_ready():
+                assert time.monotonic() < deadline, "backend did not report ready after Triton returned"
+                await asyncio.sleep(0.2)
+            after = await backend.infer("classifier", inputs, timeout_s=30)
+            np.testing.assert_allclose(after["probabilities"], before["probabilities"], rtol=1e-6)
+        finally:
+            await backend.close()
+            if not running_triton.is_running():
+                running_triton.start()
+
+    run(check())
+
+
+# --- bench -----------------------------------------------------------------
+
+
+def test_bench_smoke(running_triton: LocalTriton, tiny_repository: Path, tmp_path: Path) -> None:
+    from gateway import triton_bench
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in range(3):
+        (images / f"slice-{seed}.png").write_bytes(png_bytes(synthetic_slice(200, seed=seed)))
+    out = tmp_path / "bench"
+    args = triton_bench.get_args_parser().parse_args(
+        ["--url", running_triton.grpc_url, "--model-repository", str(tiny_repository), "--models", "classifier",
+         "--images", str(images), "--concurrency-range", "1:2", "--measurement-interval-ms", "300",
+         "--stability-percentage", "100", "--max-trials", "3", "--out", str(out)]
+    )  # fmt: skip
+    assert triton_bench.main(args) == 0
+    with open(out / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["model"], r["concurrency"]) for r in rows] == [("classifier", "1"), ("classifier", "2")]
+    assert all(float(r["throughput_per_s"]) > 0 and float(r["p99_ms"]) >= float(r["p50_ms"]) > 0 for r in rows)
+    assert "| classifier | 1 |" in (out / "summary.md").read_text()
