@@ -34,6 +34,12 @@ class GatewayConfig:
     worker_threads: int = field(default_factory=_default_threads)
     ort_threads: int = field(default_factory=_default_threads)
     grace_period_s: float = 10.0
+    tls_cert: Path | None = None  # PEM server certificate chain; with tls_key turns TLS on
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed (mTLS)
+    auth_token_file: Path | None = None  # one accepted bearer token per line
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None = off
+    log_format: str = "json"  # json | text
 
     @property
     def max_request_bytes(self) -> int:
@@ -58,11 +64,17 @@ def load_config(overrides: dict[str, object] | None = None, environ: dict[str, s
     config = GatewayConfig(**values)
     if config.backend not in ("embedded", "triton"):
         raise ValueError(f"backend must be 'embedded' or 'triton', got {config.backend!r}")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if config.log_format not in ("json", "text"):
+        raise ValueError(f"log format must be 'json' or 'text', got {config.log_format!r}")
     return config
 
 
 def _coerce(type_name: object, raw: str, variable: str) -> object:
-    converters = {"int": int, "float": float, "str": str, "Path": Path}
+    converters = {"int": int, "float": float, "str": str, "Path": Path, "Path | None": Path, "int | None": int}
     converter = converters.get(str(type_name), str)
     try:
         return converter(raw)

@@ -23,7 +23,15 @@ from gateway.postprocessing import (
     instances_from_maskrcnn,
     segmentation_from_unet,
 )
-from gateway.preprocessing import CropBox, DecodedImage, decode_image, find_brain_box, prepare, to_unit_gray
+from gateway.preprocessing import (
+    CropBox,
+    DecodedImage,
+    decode_frames,
+    decode_image,
+    find_brain_box,
+    prepare,
+    to_unit_gray,
+)
 
 NO_TUMOR = "no_tumor"
 
@@ -68,21 +76,37 @@ class Pipeline:
     def model_versions(self) -> dict[str, str]:
         return {spec.name: spec.version for spec in self.backend.specs.values()}
 
+    async def decode(self, image: bytes | np.ndarray, *, all_frames: bool = False) -> list[DecodedImage]:
+        """Decode off the event loop; one image, or every frame of a multi-frame DICOM."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(self._decode, image, all_frames=all_frames))
+
     async def analyze(
         self,
         image: bytes | np.ndarray,
         options: AnalysisOptions = AnalysisOptions(),
         *,
         timeout_s: float | None = None,
-    ) -> tuple[Analysis, DecodedImage]:
+    ) -> Analysis:
+        started = time.perf_counter()
+        (decoded,) = await self.decode(image)
+        decode_ms = (time.perf_counter() - started) * 1000.0
+        remaining = None if timeout_s is None else timeout_s - decode_ms / 1000.0
+        return await self.analyze_decoded(decoded, options, timeout_s=remaining, decode_ms=decode_ms)
+
+    async def analyze_decoded(
+        self,
+        decoded: DecodedImage,
+        options: AnalysisOptions = AnalysisOptions(),
+        *,
+        timeout_s: float | None = None,
+        decode_ms: float = 0.0,
+    ) -> Analysis:
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         watch = _Stopwatch()
-        total_started = time.perf_counter()
-
-        started = time.perf_counter()
-        decoded = await loop.run_in_executor(self._executor, self._decode, image)
-        watch.record("decode", started)
+        watch.timings_ms["decode"] = round(decode_ms, 3)
+        total_started = time.perf_counter() - decode_ms / 1000.0
 
         started = time.perf_counter()
         classifier_spec = self.backend.specs["classifier"]
@@ -126,13 +150,16 @@ class Pipeline:
             detection_ran=detect,
             timings_ms=watch.timings_ms,
         )
-        return analysis, decoded
+        return analysis
 
-    def _decode(self, image: bytes | np.ndarray) -> DecodedImage:
+    def _decode(self, image: bytes | np.ndarray, *, all_frames: bool) -> list[DecodedImage]:
+        max_side = self.config.max_image_side
         if isinstance(image, np.ndarray):
-            return DecodedImage(pixels=to_unit_gray(image, max_side=self.config.max_image_side))
+            return [DecodedImage(pixels=to_unit_gray(image, max_side=max_side))]
         if isinstance(image, (bytes, bytearray, memoryview)):
-            return decode_image(bytes(image), max_side=self.config.max_image_side)
+            if all_frames:
+                return decode_frames(bytes(image), max_side=max_side)
+            return [decode_image(bytes(image), max_side=max_side)]
         raise InvalidImage(f"unsupported image type {type(image).__name__}")
 
     async def _segment(

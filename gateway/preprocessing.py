@@ -82,11 +82,23 @@ def decode_image(data: bytes, *, max_side: int = DEFAULT_MAX_SIDE) -> DecodedIma
     if data[:8] == _PNG_MAGIC or data[:3] == _JPEG_MAGIC:
         return _decode_raster(data, max_side=max_side)
     if _looks_like_dicom(data):
-        return _decode_dicom(data, max_side=max_side)
+        frames = _decode_dicom_frames(data, max_side=max_side)
+        if len(frames) > 1:
+            raise InvalidImage(
+                f"multi-frame DICOM ({len(frames)} frames): send it through AnalyzeStream, which answers once per frame"
+            )
+        return frames[0]
     raise InvalidImage(
         f"unrecognised image format ({len(data)} bytes, starts with {data[:8].hex()}); "
         "send PNG, JPEG or DICOM"
     )
+
+
+def decode_frames(data: bytes, *, max_side: int = DEFAULT_MAX_SIDE) -> list[DecodedImage]:
+    """Like decode_image, but a multi-frame DICOM gives one image per frame."""
+    if _looks_like_dicom(data):
+        return _decode_dicom_frames(data, max_side=max_side)
+    return [decode_image(data, max_side=max_side)]
 
 
 def to_unit_gray(array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
@@ -259,34 +271,55 @@ def _looks_like_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _decode_dicom(data: bytes, *, max_side: int) -> DecodedImage:
+def _decode_dicom_frames(data: bytes, *, max_side: int) -> list[DecodedImage]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         dataset = pydicom.dcmread(io.BytesIO(data), force=False)
-    except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
+    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
         raise InvalidImage(f"DICOM could not be parsed: {type(exc).__name__}") from None
     if "PixelData" not in dataset:
         raise InvalidImage("DICOM has no pixel data (PixelData element missing)")
-    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
     _check_size((rows, columns), max_side)
+    if int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
+        raise InvalidImage("DICOM must be grayscale (SamplesPerPixel 1)")
     try:
         pixels = dataset.pixel_array
-    except Exception as exc:  # pydicom raises many types for unsupported/corrupt pixel data
+    except Exception as exc:  # pydicom raises many types for unsupported or corrupt pixel data
+        syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
+        name = getattr(syntax, "name", str(syntax))
         raise InvalidImage(
-            f"DICOM pixel data could not be decoded ({type(exc).__name__}); "
-            "compressed transfer syntaxes need a pure-Python handler"
+            f"DICOM pixel data could not be decoded (transfer syntax {name}, {type(exc).__name__}); "
+            "uncompressed and RLE Lossless are supported"
         ) from None
-    if pixels.ndim == 3 and int(dataset.get("NumberOfFrames", 1)) > 1:
-        pixels = pixels[0]
-    values = pixels.astype(np.float32)
+    frames = pixels if int(dataset.get("NumberOfFrames", 1) or 1) > 1 else pixels[None]
+    values = frames.astype(np.float32)
+    # Modality LUT, then VOI window, as a viewer would show the slice.
     slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
     values = values * slope + intercept
-    if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        values = values.max() - values
+    center, width = _first_value(dataset.get("WindowCenter")), _first_value(dataset.get("WindowWidth"))
+    if center is not None and width is not None and width > 0:
+        values = np.clip(values, center - width / 2.0, center + width / 2.0)
+    invert = str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     spacing = dataset.get("PixelSpacing")
-    pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None else None
-    unit = to_unit_gray(values, max_side=max_side)
-    return DecodedImage(pixels=unit, pixel_spacing_mm=pixel_spacing, source_format="dicom")
+    pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None
+    decoded = []
+    for frame in values:
+        if invert:
+            frame = frame.max() + frame.min() - frame
+        decoded.append(
+            DecodedImage(pixels=to_unit_gray(frame, max_side=max_side), pixel_spacing_mm=pixel_spacing, source_format="dicom")
+        )
+    return decoded
+
+
+def _first_value(value: object) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value)
+    except (TypeError, ValueError, IndexError):
+        return None

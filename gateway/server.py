@@ -19,6 +19,8 @@ from grpc_reflection.v1alpha import reflection
 from brainscan.v1 import brainscan_pb2, brainscan_pb2_grpc
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig
+from gateway.interceptors import GatewayInterceptor, load_tokens
+from gateway.observability import Metrics
 from gateway.pipeline import Pipeline
 from gateway.service import BrainScanService
 
@@ -53,11 +55,17 @@ class Gateway:
     health: health.aio.HealthServicer
     config: GatewayConfig
     executor: ThreadPoolExecutor
+    metrics: Metrics
+    metrics_port: int | None = None
     _health_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Load models, start serving, report SERVING once the backend is ready."""
         await self.backend.start()
+        for spec in self.backend.specs.values():
+            self.metrics.model_info.labels(model=spec.name, version=spec.version, backend=self.backend.kind).set(1)
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         await self.server.start()
         await self._set_health(await self.backend.is_ready())
         self._health_task = asyncio.create_task(self._watch_backend())
@@ -70,6 +78,7 @@ class Gateway:
             self._health_task.cancel()
         await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
         await self.backend.close()
+        self.metrics.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _set_health(self, ready: bool) -> None:
@@ -88,13 +97,28 @@ class Gateway:
             await self._set_health(ready)
 
 
+def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 def build_server(config: GatewayConfig) -> Gateway:
     executor = ThreadPoolExecutor(max_workers=max(2, config.worker_threads), thread_name_prefix="pre")
     backend = make_backend(config, executor)
     pipeline = Pipeline(backend, config, executor)
-    server = grpc.aio.server(options=grpc_options(config))
+    metrics = Metrics()
+    tokens = load_tokens(config.auth_token_file) if config.auth_token_file else ()
+    server = grpc.aio.server(
+        options=grpc_options(config), interceptors=[GatewayInterceptor(metrics=metrics, tokens=tokens)]
+    )
     brainscan_pb2_grpc.add_BrainScanServicer_to_server(
-        BrainScanService(pipeline, max_in_flight=config.max_in_flight), server
+        BrainScanService(pipeline, max_in_flight=config.max_in_flight, metrics=metrics), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -102,10 +126,18 @@ def build_server(config: GatewayConfig) -> Gateway:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port} (address in use?)")
-    return Gateway(server=server, port=port, backend=backend, health=health_servicer, config=config, executor=executor)
+        raise OSError(f"could not bind {address} (address in use?)")
+    return Gateway(
+        server=server, port=port, backend=backend, health=health_servicer, config=config, executor=executor,
+        metrics=metrics,
+    )
 
 
 async def serve(config: GatewayConfig, *, ready_message: bool = True) -> None:
@@ -113,7 +145,12 @@ async def serve(config: GatewayConfig, *, ready_message: bool = True) -> None:
     gateway = build_server(config)
     await gateway.start()
     if ready_message:
-        print(f"brainscan gateway serving on {config.host}:{gateway.port} (backend: {config.backend})", flush=True)
+        scheme = "TLS" if config.tls_cert else "plaintext"
+        metrics = f", metrics on :{gateway.metrics_port}/metrics" if gateway.metrics_port else ""
+        print(
+            f"brainscan gateway serving on {config.host}:{gateway.port} (backend: {config.backend}, {scheme}{metrics})",
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

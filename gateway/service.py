@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,6 +12,7 @@ import numpy as np
 
 from brainscan.v1 import brainscan_pb2 as pb
 from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+from gateway.observability import Metrics, request_id_var
 from gateway.errors import BrainscanError, InvalidImage, Overloaded, status_code_for
 from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
 from gateway.postprocessing import MaskRegion
@@ -23,38 +24,47 @@ _RAW_DTYPES = {"uint8", "uint16", "int16", "float32", "float64"}
 
 
 class BrainScanService(pb_grpc.BrainScanServicer):
-    def __init__(self, pipeline: Pipeline, *, max_in_flight: int) -> None:
+    def __init__(self, pipeline: Pipeline, *, max_in_flight: int, metrics: Metrics | None = None) -> None:
         self.pipeline = pipeline
+        self.metrics = metrics
+        self._max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
 
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
-        request_id = _request_id(context)
         try:
             return await self._analyze(request, context)
         except BrainscanError as error:
             await context.abort(status_code_for(error), str(error))
         except Exception:
-            log.exception("internal error", extra={"request_id": request_id})
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+            log.exception("internal error in Analyze")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()})")
         raise AssertionError("unreachable")  # context.abort always raises
 
     async def AnalyzeStream(
         self, request_iterator: AsyncIterator[pb.AnalyzeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AnalyzeResponse]:
-        request_id = _request_id(context)
         async for request in request_iterator:
             try:
-                yield await self._analyze(request, context)
+                image, options = image_from_request(request), options_from_request(request)
+                frames = await self.pipeline.decode(image, all_frames=True)
+                for index, decoded in enumerate(frames):
+                    async with self._slot(context.time_remaining()):
+                        analysis = await self.pipeline.analyze_decoded(
+                            decoded, options, timeout_s=context.time_remaining()
+                        )
+                    response = self._respond(analysis, request.image_id)
+                    response.frame = index
+                    yield response
             except BrainscanError as error:
                 yield pb.AnalyzeResponse(
                     image_id=request.image_id,
                     error=pb.Error(code=status_code_for(error).name, message=str(error)),
                 )
             except Exception:
-                log.exception("internal error", extra={"request_id": request_id})
+                log.exception("internal error in AnalyzeStream")
                 yield pb.AnalyzeResponse(
                     image_id=request.image_id,
-                    error=pb.Error(code="INTERNAL", message=f"internal error (request id {request_id})"),
+                    error=pb.Error(code="INTERNAL", message=f"internal error (request id {request_id_var.get()})"),
                 )
 
     async def GetModelInfo(
@@ -81,29 +91,40 @@ class BrainScanService(pb_grpc.BrainScanServicer):
         )
 
     async def _analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
-        image = image_from_request(request)
-        options = AnalysisOptions(
-            segment=not request.options.skip_segmentation,
-            detect=not request.options.skip_detection,
-            gate=not request.options.ungated,
-        )
-        timeout_s = context.time_remaining()
-        await self._acquire(timeout_s)
+        image, options = image_from_request(request), options_from_request(request)
+        async with self._slot(context.time_remaining()):
+            analysis = await self.pipeline.analyze(image, options, timeout_s=context.time_remaining())
+        return self._respond(analysis, request.image_id)
+
+    def _respond(self, analysis: Analysis, image_id: str) -> pb.AnalyzeResponse:
+        if self.metrics is not None:
+            self.metrics.observe_stages(analysis.timings_ms)
+        return response_from_analysis(analysis, image_id, self.pipeline.model_versions)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, timeout_s: float | None) -> AsyncIterator[None]:
+        """An in-flight slot, waited for up to the caller's deadline: never an unbounded queue."""
+        if self._slots.locked():
+            try:
+                await asyncio.wait_for(self._slots.acquire(), timeout=timeout_s if timeout_s is not None else 0.0)
+            except asyncio.TimeoutError:
+                raise Overloaded(
+                    f"the gateway is at its limit of {self._max_in_flight} requests in flight; retry later"
+                ) from None
+        else:
+            await self._slots.acquire()
         try:
-            analysis, decoded = await self.pipeline.analyze(image, options, timeout_s=timeout_s)
+            yield
         finally:
             self._slots.release()
-        return response_from_analysis(analysis, request.image_id, self.pipeline.model_versions)
 
-    async def _acquire(self, timeout_s: float | None) -> None:
-        """Wait for an in-flight slot up to the caller's deadline; never queue without bound."""
-        if not self._slots.locked():
-            await self._slots.acquire()
-            return
-        try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=timeout_s if timeout_s is not None else 0.0)
-        except asyncio.TimeoutError:
-            raise Overloaded("the gateway is at its in-flight request limit; retry later") from None
+
+def options_from_request(request: pb.AnalyzeRequest) -> AnalysisOptions:
+    return AnalysisOptions(
+        segment=not request.options.skip_segmentation,
+        detect=not request.options.skip_detection,
+        gate=not request.options.ungated,
+    )
 
 
 def image_from_request(request: pb.AnalyzeRequest) -> bytes | np.ndarray:
@@ -171,9 +192,3 @@ def _mask(region: MaskRegion) -> pb.Mask:
 def _box(box: tuple[float, float, float, float]) -> pb.Box:
     return pb.Box(x0=box[0], y0=box[1], x1=box[2], y1=box[3])
 
-
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and value:
-            return str(value)[:128]
-    return uuid.uuid4().hex

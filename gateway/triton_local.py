@@ -376,6 +376,8 @@ class LocalTriton:
     def _failure(self, headline: str) -> str:
         tail = self.log_tail()
         cause = diagnose(self.log_text())
+        if self._workdir is not None:  # name the canonical files, not their shim links
+            cause = cause.replace(str(self._workdir / "models"), str(self.repository.resolve()))
         parts = [f"cannot start Triton: {cause}" if cause else "cannot start Triton", headline]
         parts.append(f"--- last lines of {self.log_path} ---\n{tail}")
         return "\n".join(parts)

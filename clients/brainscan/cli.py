@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--triton-url", help="Triton gRPC address for --backend triton (default 127.0.0.1:8001)")
     serve.add_argument("--tumor-threshold", type=float, help="p(tumor) at which U-Net/Mask R-CNN run (default 0.5)")
     serve.add_argument("--max-in-flight", type=int, help="concurrent requests before RESOURCE_EXHAUSTED (default 64)")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key serves TLS")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    serve.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mutual TLS)")
+    serve.add_argument("--auth-token-file", type=Path, help="accepted bearer tokens, one per line (health stays open)")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default off)")
+    serve.add_argument("--log-format", choices=("json", "text"), help="log line format (default json)")
     serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
     analyze = commands.add_parser("analyze", help="analyze image files against a running gateway")
@@ -63,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--no-detect", action="store_true", help="skip the Mask R-CNN")
     analyze.add_argument("--ungated", action="store_true", help="run U-Net/Mask R-CNN even when no tumor is seen")
     analyze.add_argument("--timeout", type=float, default=30.0, help="per-image deadline in seconds (default 30)")
+    _add_connection_flags(analyze)
 
     info = commands.add_parser("info", help="show the models a gateway serves")
     info.add_argument("--server", default="127.0.0.1:50051", help="gateway address")
+    _add_connection_flags(info)
 
     for name, help_text in (
         ("train", "train a model: classifier, unet or maskrcnn"),
@@ -77,6 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         commands.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA bundle to verify the gateway's certificate (enables TLS)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, help="PEM client key for mutual TLS")
+    parser.add_argument(
+        "--token-file", type=Path, help="file holding the bearer token (or set BRAINSCAN_TOKEN)"
+    )
+
+
+def _client(args: argparse.Namespace, **kwargs: object):
+    import os
+
+    from brainscan.client import Client
+
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get("BRAINSCAN_TOKEN")
+    return Client(
+        args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token, **kwargs
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,13 +140,12 @@ def _delegate(module_name: str, prog: str, argv: list[str]) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from gateway.config import load_config
     from gateway.errors import BrainscanError
+    from gateway.observability import configure_logging
     from gateway.server import serve
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(
             {
@@ -129,8 +156,15 @@ def _serve(args: argparse.Namespace) -> int:
                 "triton_url": args.triton_url,
                 "tumor_threshold": args.tumor_threshold,
                 "max_in_flight": args.max_in_flight,
+                "tls_cert": args.tls_cert,
+                "tls_key": args.tls_key,
+                "tls_client_ca": args.tls_client_ca,
+                "auth_token_file": args.auth_token_file,
+                "metrics_port": args.metrics_port,
+                "log_format": args.log_format,
             }
         )
+        configure_logging(args.log_level, config.log_format)
         print(DISCLAIMER, file=sys.stderr)
         asyncio.run(serve(config))
     except (BrainscanError, ValueError, OSError) as error:
@@ -140,11 +174,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from brainscan.client import Client
     from brainscan.errors import BrainscanError, InvalidInput
 
     failures = 0
-    with Client(args.server, timeout_s=args.timeout) as client:
+    with _client(args, timeout_s=args.timeout) as client:
         for path in args.images:
             try:
                 result = client.analyze(
@@ -171,11 +204,10 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from brainscan.client import Client
     from brainscan.errors import BrainscanError
 
     try:
-        with Client(args.server) as client:
+        with _client(args) as client:
             info = client.model_info()
     except BrainscanError as error:
         print(f"brainscan info: {error}", file=sys.stderr)

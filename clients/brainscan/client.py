@@ -9,8 +9,10 @@ Research use only. Not a medical device.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -48,6 +50,24 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def _credentials(
+    tls_ca: str | os.PathLike | None, tls_cert: str | os.PathLike | None, tls_key: str | os.PathLike | None
+) -> grpc.ChannelCredentials | None:
+    """TLS when any TLS option is given; mutual TLS when a client certificate and key are."""
+    if tls_ca is None and tls_cert is None and tls_key is None:
+        return None
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("mutual TLS needs both tls_cert and tls_key")
+    read = lambda path: Path(path).read_bytes() if path is not None else None  # noqa: E731
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(tls_ca), private_key=read(tls_key), certificate_chain=read(tls_cert)
+    )
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 def _server_info(response: pb.GetModelInfoResponse) -> ServerInfo:
     return ServerInfo(
         backend=response.backend,
@@ -68,10 +88,20 @@ class Client:
         *,
         timeout_s: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls_ca: str | os.PathLike | None = None,
+        tls_cert: str | os.PathLike | None = None,
+        tls_key: str | os.PathLike | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        options = _channel_options(max_message_bytes)
+        credentials = _credentials(tls_ca, tls_cert, tls_key)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._metadata = _metadata(token)
         self._stub = pb_grpc.BrainScanStub(self._channel)
 
     def analyze(
@@ -86,7 +116,7 @@ class Client:
     ) -> AnalysisResult:
         request = build_request(image, segment=segment, detect=detect, gate=gate, image_id=image_id)
         try:
-            response = self._stub.Analyze(request, timeout=timeout_s or self.timeout_s)
+            response = self._stub.Analyze(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return result_from_response(response)
@@ -106,14 +136,14 @@ class Client:
         """
         requests = (build_request(img, segment=segment, detect=detect, gate=gate) for img in images)
         try:
-            for response in self._stub.AnalyzeStream(requests, timeout=timeout_s):
+            for response in self._stub.AnalyzeStream(requests, timeout=timeout_s, metadata=self._metadata):
                 yield result_from_response(response)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
     def model_info(self) -> ServerInfo:
         try:
-            return _server_info(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s))
+            return _server_info(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self._metadata))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -136,10 +166,20 @@ class AsyncClient:
         *,
         timeout_s: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls_ca: str | os.PathLike | None = None,
+        tls_cert: str | os.PathLike | None = None,
+        tls_key: str | os.PathLike | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        options = _channel_options(max_message_bytes)
+        credentials = _credentials(tls_ca, tls_cert, tls_key)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._metadata = _metadata(token)
         self._stub = pb_grpc.BrainScanStub(self._channel)
 
     async def analyze(
@@ -154,7 +194,7 @@ class AsyncClient:
     ) -> AnalysisResult:
         request = build_request(image, segment=segment, detect=detect, gate=gate, image_id=image_id)
         try:
-            response = await self._stub.Analyze(request, timeout=timeout_s or self.timeout_s)
+            response = await self._stub.Analyze(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return result_from_response(response)
@@ -169,7 +209,7 @@ class AsyncClient:
         timeout_s: float | None = None,
     ) -> AsyncIterator[AnalysisResult]:
         requests = [build_request(img, segment=segment, detect=detect, gate=gate) for img in images]
-        call = self._stub.AnalyzeStream(iter(requests), timeout=timeout_s)
+        call = self._stub.AnalyzeStream(iter(requests), timeout=timeout_s, metadata=self._metadata)
         try:
             async for response in call:
                 yield result_from_response(response)
@@ -178,7 +218,7 @@ class AsyncClient:
 
     async def model_info(self) -> ServerInfo:
         try:
-            response = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)
+            response = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return _server_info(response)

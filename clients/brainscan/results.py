@@ -39,6 +39,7 @@ class AnalysisResult:
     image_size: tuple[int, int]  # (height, width)
     segmentation_ran: bool
     detection_ran: bool
+    frame: int = 0  # frame index within a multi-frame DICOM (AnalyzeStream)
 
     def to_json_dict(self) -> dict[str, object]:
         """The CLI's --json line: everything but the pixel masks."""
@@ -111,4 +112,5 @@ def result_from_response(response: pb.AnalyzeResponse) -> AnalysisResult:
         image_size=(height, width),
         segmentation_ran=response.segmentation_ran,
         detection_ran=response.detection_ran,
+        frame=response.frame,
     )

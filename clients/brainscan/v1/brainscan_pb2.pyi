@@ -98,7 +98,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("image_id", "label", "probabilities", "tumor_probability", "tumor_detected", "segmentation", "instances", "model_versions", "timings_ms", "image_width", "image_height", "segmentation_ran", "detection_ran", "error")
+    __slots__ = ("image_id", "label", "probabilities", "tumor_probability", "tumor_detected", "segmentation", "instances", "model_versions", "timings_ms", "image_width", "image_height", "segmentation_ran", "detection_ran", "error", "frame")
     class ProbabilitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class AnalyzeResponse(_message.Message):
     SEGMENTATION_RAN_FIELD_NUMBER: _ClassVar[int]
     DETECTION_RAN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     label: str
     probabilities: _containers.ScalarMap[str, float]
@@ -148,7 +149,8 @@ class AnalyzeResponse(_message.Message):
     segmentation_ran: bool
     detection_ran: bool
     error: Error
-    def __init__(self, image_id: _Optional[str] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., tumor_probability: _Optional[float] = ..., tumor_detected: bool = ..., segmentation: _Optional[_Union[Segmentation, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., model_versions: _Optional[_Mapping[str, str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., segmentation_ran: bool = ..., detection_ran: bool = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    frame: int
+    def __init__(self, image_id: _Optional[str] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., tumor_probability: _Optional[float] = ..., tumor_detected: bool = ..., segmentation: _Optional[_Union[Segmentation, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., model_versions: _Optional[_Mapping[str, str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., segmentation_ran: bool = ..., detection_ran: bool = ..., error: _Optional[_Union[Error, _Mapping]] = ..., frame: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,202 @@
+"""Mask R-CNN: targets from real annotations, one training step, ONNX export parity, config validity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.datasets import default_data_root, load_via_split
+from export.maskrcnn_data import Augment, DetectionDataset, InstanceSet, collate, prepare_instances, to_target
+from export.maskrcnn_metrics import Prediction, coco_metrics, false_positive_rate
+from export.maskrcnn_model import MaskRCNNExportWrapper, build_maskrcnn, tiny_config
+
+DATA = default_data_root()
+needs_data = pytest.mark.skipif(
+    not (DATA / "br35h-polygons").is_dir(), reason=f"datasets not found at {DATA} (set BRAINSCAN_DATA)"
+)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --- targets -------------------------------------------------------------------
+
+
+@needs_data
+@pytest.mark.parametrize("shape", ["polygon", "ellipse"])
+def test_prepare_instances_on_real_annotations(shape: str) -> None:
+    item = next(s for s in load_via_split(DATA, "br35h-polygons", "train") if s.regions and s.regions[0].shape == shape)
+    image, masks = prepare_instances(item, 128)
+    assert image.shape == (128, 128) and image.dtype == np.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert masks.dtype == np.uint8 and masks.shape[1:] == (128, 128)
+    assert 1 <= len(masks) <= len(item.regions)
+    target = to_target(masks)
+    assert target["boxes"].shape == (len(masks), 4)
+    assert torch.all(target["labels"] == 1)
+    for box, mask in zip(target["boxes"], target["masks"]):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        # Tight box around the mask, in torchvision's one-past-the-end convention.
+        assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+@needs_data
+def test_multi_instance_slices_keep_one_instance_per_region() -> None:
+    slices = [s for s in load_via_split(DATA, "br35h-polygons", "train") if len(s.regions) >= 2]
+    assert slices, "br35h train has slices with 2+ tumors"
+    _, masks = prepare_instances(slices[0], 160)
+    assert len(masks) == len(slices[0].regions)
+
+
+def test_targets_for_negative_slices_are_empty() -> None:
+    target = to_target(np.zeros((0, 32, 32), np.uint8))
+    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 32, 32)
+
+
+def test_augment_keeps_range_binary_masks_and_drops_vanished_instances() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 64), dtype=np.float32)
+    masks = np.zeros((2, 64, 64), np.uint8)
+    masks[0, 20:40, 20:40] = 1
+    masks[1, 0, 0] = 1  # one pixel in the corner: any rotation/shift wipes it
+    for _ in range(5):
+        out_image, out_masks = Augment(rotation_deg=20, shift=0.1)(image, masks, rng)
+        assert out_image.dtype == np.float32 and 0.0 <= out_image.min() and out_image.max() <= 1.0
+        assert set(np.unique(out_masks)) <= {0, 1}
+        assert len(to_target(out_masks)["boxes"]) == 1
+
+
+# --- model and training ---------------------------------------------------------
+
+
+def _synthetic_set(n: int, size: int) -> InstanceSet:
+    images = np.zeros((n, size, size), np.float32)
+    masks = []
+    for i in range(n):
+        stack = np.zeros((i % 2, size, size), np.uint8)
+        if len(stack):
+            stack[0, 16:40, 20:44] = 1
+            images[i][stack[0] == 1] = 0.9
+        masks.append(stack)
+    return InstanceSet([Path(f"synthetic-{i}") for i in range(n)], images, masks)
+
+
+def test_one_training_step_gives_finite_losses_on_positive_and_negative_slices() -> None:
+    torch.manual_seed(0)
+    model = build_maskrcnn(tiny_config(64)).train()
+    loader = torch.utils.data.DataLoader(DetectionDataset(_synthetic_set(4, 64), Augment()), batch_size=4, collate_fn=collate)
+    images, targets = next(iter(loader))
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+
+
+@needs_data
+def test_training_command_one_iteration(tmp_path: Path) -> None:
+    from export import train_maskrcnn
+
+    args = train_maskrcnn.get_args_parser().parse_args(
+        ["--data", str(DATA), "--out", str(tmp_path), "--limit", "4", "--max-steps", "1", "--batch-size", "2",
+         "--size", "96", "--no-progress", "--device", "cpu"]
+    )
+    assert train_maskrcnn.main(args) == 0
+    state = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 1 and state["config"]["input_size"] == 96 and state["args"]["limit"] == 4
+    log = (tmp_path / "log.csv").read_text().splitlines()
+    assert log[0].startswith("epoch,step,lr") and len(log) == 2
+
+
+def test_export_wrapper_contract_in_pytorch() -> None:
+    model = build_maskrcnn(tiny_config(64)).eval()
+    boxes, scores, masks = MaskRCNNExportWrapper(model)(torch.rand(1, 64, 64))
+    assert boxes.shape[1:] == (4,) and masks.shape[1:] == (1, 64, 64) and len(scores) <= 10
+
+
+# --- metrics ----------------------------------------------------------------------
+
+
+def test_coco_metrics_perfect_and_empty_predictions() -> None:
+    gt = np.zeros((1, 32, 32), bool)
+    gt[0, 8:20, 10:24] = True
+    perfect = Prediction(np.array([[10, 8, 24, 20]], np.float32), np.array([0.9], np.float32), gt.astype(np.float32))
+    empty = Prediction(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 32, 32), np.float32))
+    assert coco_metrics([gt], [perfect])["mask_ap50"] == pytest.approx(1.0)
+    assert coco_metrics([gt], [perfect])["box_ap"] == pytest.approx(1.0)
+    assert coco_metrics([gt], [empty])["box_ap50"] == 0.0
+    assert false_positive_rate([perfect, empty], 0.5) == 0.5
+
+
+# --- export -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_repositories(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from export.export_maskrcnn import write_tiny
+
+    torch.set_num_threads(1)
+    empty, busy = tmp_path_factory.mktemp("tiny-empty"), tmp_path_factory.mktemp("tiny-busy")
+    write_tiny(empty)
+    write_tiny(busy, detections=True)
+    return {"empty": empty, "busy": busy}
+
+
+@pytest.mark.parametrize("kind, rows", [("empty", 0), ("busy", 10)])
+def test_tiny_export_runs_in_onnxruntime_with_dynamic_size(tiny_repositories: dict[str, Path], kind: str, rows: int) -> None:
+    from export.maskrcnn_onnx import check_io_names, ort_session
+
+    path = tiny_repositories[kind] / "maskrcnn" / "1" / "model.onnx"
+    assert path.stat().st_size < 5 * 2**20
+    session = ort_session(path, threads=1)
+    check_io_names(session)
+    for shape in ((1, 64, 64), (1, 72, 96)):
+        boxes, scores, masks = session.run(None, {"image": np.random.default_rng(1).random(shape, dtype=np.float32)})
+        assert boxes.shape == (rows, 4) and scores.shape == (rows,) and masks.shape == (rows, 1, *shape[1:])
+        assert masks.dtype == np.float32
+
+
+def test_tiny_config_is_a_valid_maskrcnn_contract(tiny_repositories: dict[str, Path]) -> None:
+    from gateway.contract import load_model_spec, validate_role
+
+    spec = load_model_spec(tiny_repositories["empty"] / "maskrcnn")
+    validate_role(spec, "maskrcnn")
+    assert spec.max_batch_size == 0 and spec.input_size == 64
+    assert spec.input("image").dims == (1, -1, -1)
+    assert spec.output("masks").dims == (-1, 1, -1, -1)
+    assert spec.onnx_path.is_file()
+
+
+def test_parity_check_catches_a_graph_that_disagrees(tiny_repositories: dict[str, Path]) -> None:
+    from export.export_maskrcnn import write_tiny  # noqa: F401  (same builder as the exported graph)
+    from export.maskrcnn_onnx import ParityError, check_parity, ort_session
+
+    torch.manual_seed(0)
+    model = build_maskrcnn(tiny_config()).eval()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias[1] += 12.0
+        model.roi_heads.box_predictor.bbox_pred.bias.add_(0.5)  # shifts every box: not what was exported
+    session = ort_session(tiny_repositories["busy"] / "maskrcnn" / "1" / "model.onnx", threads=1)
+    image = np.random.default_rng(2).random((64, 64), dtype=np.float32)
+    with pytest.raises(ParityError):
+        check_parity(model, session, [image], threshold=0.5, max_detections=10, blank_size=64)
+
+
+def test_exported_repository_config_is_valid_if_present() -> None:
+    from gateway.contract import load_model_spec, validate_role
+
+    model_dir = REPO_ROOT / "model_repository" / "maskrcnn"
+    if not (model_dir / "config.pbtxt").is_file():
+        pytest.skip("no exported maskrcnn in model_repository (run `brainscan export maskrcnn`)")
+    spec = load_model_spec(model_dir)
+    validate_role(spec, "maskrcnn")
+    assert spec.onnx_path.is_file() and spec.onnx_path.stat().st_size <= 40 * 2**20
