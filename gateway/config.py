@@ -33,6 +33,8 @@ class GatewayConfig:
     max_in_flight: int = 64
     worker_threads: int = field(default_factory=_default_threads)
     ort_threads: int = field(default_factory=_default_threads)
+    batch_max_size: int = 8  # embedded backend: rows per batched model call (1 = no batching)
+    batch_max_delay_ms: float = 2.0  # embedded backend: longest wait for a batch to fill (0 = no batching)
     grace_period_s: float = 10.0
     tls_cert: Path | None = None  # PEM server certificate chain; with tls_key turns TLS on
     tls_key: Path | None = None

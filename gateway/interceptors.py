@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
 import uuid
@@ -131,11 +132,16 @@ def _wrap(handler: grpc.RpcMethodHandler, scope: _CallScope) -> grpc.RpcMethodHa
 
         return behaviour
 
+    def stream(inner: Callable[..., Any]) -> Callable[..., Any]:
+        # A streaming handler either yields (async generator) or writes with
+        # context.write() and returns (coroutine, e.g. the health Watch).
+        return streaming_response(inner) if inspect.isasyncgenfunction(inner) else unary_response(inner)
+
     codecs = (handler.request_deserializer, handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), *codecs)
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), *codecs)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming_response(handler.unary_stream), *codecs)
-    return grpc.stream_stream_rpc_method_handler(streaming_response(handler.stream_stream), *codecs)
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), *codecs)
+    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), *codecs)

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from brainscan.v1 import brainscan_pb2, brainscan_pb2_grpc
+from gateway import kserve
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig
 from gateway.interceptors import GatewayInterceptor, load_tokens
@@ -37,7 +38,12 @@ def make_backend(config: GatewayConfig, executor: ThreadPoolExecutor) -> Backend
         return TritonBackend(config.triton_url, config.model_repository)
     from gateway.backends.embedded import EmbeddedBackend
 
-    return EmbeddedBackend(config.model_repository, threads=config.ort_threads)
+    return EmbeddedBackend(
+        config.model_repository,
+        threads=config.ort_threads,
+        batch_max_size=config.batch_max_size,
+        batch_max_delay_ms=config.batch_max_delay_ms,
+    )
 
 
 def grpc_options(config: GatewayConfig) -> list[tuple[str, int]]:
@@ -120,6 +126,7 @@ def build_server(config: GatewayConfig) -> Gateway:
     brainscan_pb2_grpc.add_BrainScanServicer_to_server(
         BrainScanService(pipeline, max_in_flight=config.max_in_flight, metrics=metrics), server
     )
+    kserve.register(server, pipeline, max_in_flight=config.max_in_flight)  # KServe v2 for perf_analyzer
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -103,10 +103,16 @@ class BrainScanService(pb_grpc.BrainScanServicer):
 
     @contextlib.asynccontextmanager
     async def _slot(self, timeout_s: float | None) -> AsyncIterator[None]:
-        """An in-flight slot, waited for up to the caller's deadline: never an unbounded queue."""
+        """An in-flight slot, waited for up to the caller's deadline: never an unbounded queue.
+
+        The wait stops a little before the deadline so the caller learns why
+        (RESOURCE_EXHAUSTED) instead of seeing a bare DEADLINE_EXCEEDED; a call
+        without a deadline is refused at once when every slot is taken.
+        """
         if self._slots.locked():
+            wait_s = 0.0 if timeout_s is None else max(0.0, timeout_s - min(0.25, 0.2 * timeout_s))
             try:
-                await asyncio.wait_for(self._slots.acquire(), timeout=timeout_s if timeout_s is not None else 0.0)
+                await asyncio.wait_for(self._slots.acquire(), timeout=wait_s)
             except asyncio.TimeoutError:
                 raise Overloaded(
                     f"the gateway is at its limit of {self._max_in_flight} requests in flight; retry later"

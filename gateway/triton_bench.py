@@ -105,7 +105,10 @@ def perf_analyzer_env() -> dict[str, str]:
     return env
 
 
-def run_perf_analyzer(spec: ModelSpec, url: str, input_data: Path, out: Path, args: argparse.Namespace) -> Path:
+def run_perf_analyzer(
+    spec: ModelSpec, url: str, input_data: Path, out: Path, args: argparse.Namespace
+) -> tuple[Path, str]:
+    """Run perf_analyzer for one model; return its CSV and a warning ('' when all went well)."""
     csv_path = out / f"{spec.name}.csv"
     command = [
         str(perf_analyzer_binary()),
@@ -123,10 +126,15 @@ def run_perf_analyzer(spec: ModelSpec, url: str, input_data: Path, out: Path, ar
     log_path = out / f"{spec.name}.log"
     with open(log_path, "wb") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=perf_analyzer_env(), check=False)
-    if result.returncode != 0 or not csv_path.exists():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+    log_lines = log_path.read_text(errors="replace").splitlines()
+    if not csv_path.exists() or not read_rows(spec.name, csv_path):
+        tail = "\n".join(log_lines[-20:])
         raise BenchError(f"perf_analyzer failed for model {spec.name!r} (exit {result.returncode}):\n{tail}")
-    return csv_path
+    if result.returncode != 0:
+        # e.g. no stable measurement at a high concurrency: keep the levels that were measured
+        reason = next((line for line in log_lines if "Failed" in line or "error" in line.lower()), log_lines[-1])
+        return csv_path, f"{spec.name}: perf_analyzer stopped early (exit {result.returncode}): {reason.strip()}"
+    return csv_path, ""
 
 
 def read_rows(model: str, csv_path: Path) -> list[BenchRow]:
@@ -143,7 +151,7 @@ def read_rows(model: str, csv_path: Path) -> list[BenchRow]:
         ]
 
 
-def write_summary(rows: list[BenchRow], out: Path, header: str) -> str:
+def write_summary(rows: list[BenchRow], out: Path, header: str, warnings: list[str]) -> str:
     with open(out / "summary.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(SUMMARY_FIELDS)
@@ -158,6 +166,7 @@ def write_summary(rows: list[BenchRow], out: Path, header: str) -> str:
     lines += [
         f"| {r.model} | {r.concurrency} | {r.throughput_per_s:.1f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} |" for r in rows
     ]
+    lines += [f"\nWarning: {warning}" for warning in warnings]
     table = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(table)
     return table
@@ -168,16 +177,19 @@ def run(args: argparse.Namespace, url: str, specs: dict[str, ModelSpec]) -> str:
     out.mkdir(parents=True, exist_ok=True)
     images = find_images(args.images or [default_images()], args.num_images)
     rows: list[BenchRow] = []
+    warnings: list[str] = []
     for name in args.models:
         spec = specs[name]
         data = write_input_data(spec, images, out / f"{name}-input.json")
         print(f"perf_analyzer: {name} at {url}, concurrency {args.concurrency_range}, {len(images)} slices", flush=True)
-        rows += read_rows(name, run_perf_analyzer(spec, url, data, out, args))
+        csv_path, warning = run_perf_analyzer(spec, url, data, out, args)
+        rows += read_rows(name, csv_path)
+        warnings += [warning] if warning else []
     header = (
         f"perf_analyzer on Triton at {url}; batch size {args.batch_size}; {len(images)} real preprocessed slices; "
         f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
     )
-    return write_summary(rows, out, header)
+    return write_summary(rows, out, header, warnings)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

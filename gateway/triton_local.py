@@ -33,6 +33,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -121,6 +122,8 @@ def build_shim_repository(source: Path, destination: Path, *, models: list[str] 
     ONNX files are symlinked, not copied; labels and other side files are copied.
     """
     source = source.resolve()
+    if not source.is_dir():
+        raise TritonStartupError(f"model repository {source} does not exist (pass --model-repository DIR)")
     model_dirs = sorted(p for p in source.iterdir() if (p / CONFIG_FILE).is_file())
     if models is not None:
         missing = sorted(set(models) - {p.name for p in model_dirs})
@@ -159,6 +162,18 @@ def build_backend_directory(install: TritonInstall, destination: Path) -> Path:
         shutil.copyfile(install.python_backend / name, python / name)
     shutil.copy2(install.stub, python / install.stub.name)
     return destination
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (Triton drains and unloads), then SIGKILL to the whole group after a grace period."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def gpu_available() -> bool:
@@ -220,6 +235,7 @@ class LocalTriton:
         self.model_names: list[str] = []
         self._workdir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
 
     # addresses
     @property
@@ -251,39 +267,33 @@ class LocalTriton:
         install = TritonInstall.find()
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="brainscan-triton-"))
-            self.model_names = build_shim_repository(self.repository, self._workdir / "models", models=self.models)
-            build_backend_directory(install, self._workdir / "backends")
-        self._claim_ports()
-        env = dict(os.environ)
-        env["PATH"] = os.pathsep.join([str(install.venv_bin), env.get("PATH", "")])
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [str(install.libs), env.get("LD_LIBRARY_PATH", "")] if p)
-        assert self.log_path is not None
-        with open(self.log_path, "wb") as log:
-            self._process = subprocess.Popen(
-                self._command(install),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # Ctrl-C reaches us; we stop the server in order
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+            try:
+                self.model_names = build_shim_repository(self.repository, self._workdir / "models", models=self.models)
+                build_backend_directory(install, self._workdir / "backends")
+            except BaseException:
+                self.close()
+                raise
+        picked = self._claim_ports()
+        for attempt in range(3):
+            try:
+                self._launch(install)
+                break
+            except TritonStartupError as exc:
+                # a port picked free can be taken before tritonserver binds it: pick again
+                if not picked or "already in use" not in str(exc).splitlines()[0] or attempt == 2:
+                    raise
+                for kind in picked:
+                    self.ports[kind] = 0
+                picked = self._claim_ports()
 
     def stop(self) -> None:
         """Stop the server gracefully (SIGTERM, then SIGKILL after a grace period)."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if process is not None:
+            _terminate(process)
 
     def close(self) -> None:
         """Stop and remove the temporary shim repository."""
@@ -309,20 +319,45 @@ class LocalTriton:
 
     # --- internals ---------------------------------------------------------
 
-    def _claim_ports(self) -> None:
-        taken = set()
+    def _launch(self, install: TritonInstall) -> None:
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(install.venv_bin), env.get("PATH", "")])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [str(install.libs), env.get("LD_LIBRARY_PATH", "")] if p)
+        assert self.log_path is not None
+        with open(self.log_path, "wb") as log:
+            self._process = subprocess.Popen(
+                self._command(install),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches us; we stop the server in order
+            )
+        # never leave a server behind when the owner forgets to stop it
+        self._finalizer = weakref.finalize(self, _terminate, self._process)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _claim_ports(self) -> list[str]:
+        """Fill in ports given as 0; refuse explicit ports already in use. Returns the kinds picked."""
+        taken, picked = set(), []
         for kind, port in self.ports.items():
             if port == 0:
                 port = free_port()
                 while port in taken:
                     port = free_port()
                 self.ports[kind] = port
+                picked.append(kind)
             elif port_in_use(port):
                 raise TritonStartupError(
                     f"cannot start Triton: {kind} port {port} on {LOOPBACK} is already in use "
                     f"(another tritonserver?); choose another with --{kind}-port or 0 for a free one"
                 )
             taken.add(port)
+        return picked
 
     def _command(self, install: TritonInstall) -> list[str]:
         assert self._workdir is not None
@@ -457,7 +492,7 @@ def main(args: argparse.Namespace) -> int:
         code = triton.wait()
         print(f"tritonserver exited on its own (code {code}):\n{triton.log_tail()}", file=sys.stderr)
         return 1
-    except TritonStartupError as exc:
+    except BrainscanError as exc:  # start-up failures and contract errors name their cause
         print(exc, file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -65,6 +65,7 @@ class GatewayProcess:
 def start_gateway(
     repository: Path, log_dir: Path, *, backend: str = "embedded", extra: list[str] | None = None,
     env: dict[str, str] | None = None, timeout_s: float = 90.0,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> GatewayProcess:
     """Start `brainscan serve --port 0` and wait until health says SERVING."""
     log_path = log_dir / f"gateway-{backend}-{time.monotonic_ns()}.log"
@@ -85,7 +86,7 @@ def start_gateway(
         for line in log_path.read_text().splitlines():
             if "serving on" in line:
                 address = line.split("serving on ")[1].split()[0]
-        if address and health_status(address) == health_pb2.HealthCheckResponse.SERVING:
+        if address and health_status(address, credentials=credentials) == health_pb2.HealthCheckResponse.SERVING:
             return GatewayProcess(process=process, address=address, log_path=log_path, backend=backend)
         time.sleep(0.2)
     process.kill()
@@ -102,8 +103,9 @@ def stop_gateway(gateway: GatewayProcess) -> None:
             gateway.process.wait()
 
 
-def health_status(address: str, service: str = "") -> int | None:
-    with grpc.insecure_channel(address) as channel:
+def health_status(address: str, service: str = "", *, credentials: grpc.ChannelCredentials | None = None) -> int | None:
+    channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=2

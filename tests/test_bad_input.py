@@ -7,15 +7,13 @@ import zlib
 
 import grpc
 import numpy as np
-import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from brainscan import Client, InvalidInput, Overloaded
 from brainscan.v1 import brainscan_pb2 as pb
 from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
 from tests.conftest import png_bytes, start_gateway, stop_gateway, synthetic_slice
+from tests.dicom_factory import dicom_bytes
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -26,33 +24,6 @@ def png_header_only(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-
-
-def dicom_bytes(pixels: np.ndarray | None, *, spacing: tuple[float, float] | None = None) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = FileDataset("slice.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
-    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "MR"
-    if pixels is not None:
-        dataset.Rows, dataset.Columns = pixels.shape
-        dataset.SamplesPerPixel = 1
-        dataset.PhotometricInterpretation = "MONOCHROME2"
-        dataset.BitsAllocated = 16
-        dataset.BitsStored = 16
-        dataset.HighBit = 15
-        dataset.PixelRepresentation = 0
-        dataset.PixelData = pixels.astype(np.uint16).tobytes()
-    if spacing is not None:
-        dataset.PixelSpacing = [str(spacing[0]), str(spacing[1])]
-    import io
-
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 BAD_ENCODED = {

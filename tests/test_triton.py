@@ -285,7 +285,7 @@ def test_bench_smoke(running_triton: LocalTriton, tiny_repository: Path, tmp_pat
     args = triton_bench.get_args_parser().parse_args(
         ["--url", running_triton.grpc_url, "--model-repository", str(tiny_repository), "--models", "classifier",
          "--images", str(images), "--concurrency-range", "1:2", "--measurement-interval-ms", "300",
-         "--stability-percentage", "100", "--max-trials", "3", "--out", str(out)]
+         "--stability-percentage", "1000", "--max-trials", "5", "--out", str(out)]
     )  # fmt: skip
     assert triton_bench.main(args) == 0
     with open(out / "summary.csv", newline="") as handle:

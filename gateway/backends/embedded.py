@@ -1,14 +1,23 @@
-"""Embedded backend: ONNX Runtime sessions opened straight from model_repository/."""
+"""Embedded backend: ONNX Runtime sessions opened straight from model_repository/.
+
+Models that batch (max_batch_size > 0) go through a `MicroBatcher`: requests
+that arrive together share one session call (up to `batch_max_size` rows,
+waiting at most `batch_max_delay_ms` for company; 0 turns batching off).
+`batch_stats()` reports the batch sizes actually formed, per model.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from gateway.batching import BatchStats, MicroBatcher
 from gateway.contract import ModelSpec, load_repository
 from gateway.errors import ContractError, DeadlineExceeded
 
@@ -25,13 +34,29 @@ _ORT_TYPES = {
 class EmbeddedBackend:
     kind = "embedded"
 
-    def __init__(self, repository: Path, *, threads: int = 2, executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        threads: int = 2,
+        executor: ThreadPoolExecutor | None = None,
+        batch_max_size: int = 8,
+        batch_max_delay_ms: float = 2.0,
+    ) -> None:
         self.repository = repository
         self.threads = threads
+        self.batch_max_size = batch_max_size
+        self.batch_max_delay_ms = batch_max_delay_ms
         self.specs: dict[str, ModelSpec] = {}
+        self.stats: dict[str, BatchStats] = {}  # model role → batch sizes formed (metrics hook here)
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self._batchers: dict[str, MicroBatcher] = {}
         # ORT releases the GIL while it runs, so a thread pool keeps the event loop free.
         self._executor = executor or ThreadPoolExecutor(max_workers=max(2, threads), thread_name_prefix="ort")
+
+    @property
+    def batching(self) -> bool:
+        return self.batch_max_size > 1 and self.batch_max_delay_ms > 0
 
     async def start(self) -> None:
         self.specs = load_repository(self.repository)
@@ -44,25 +69,58 @@ class EmbeddedBackend:
             session = ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
             check_session_against_spec(session, spec)
             self._sessions[role] = session
+            self.stats[role] = BatchStats(model=role)
+            if self.batching and spec.max_batch_size > 0:
+                self._batchers[role] = MicroBatcher(
+                    partial(self.run_session, role),
+                    executor=self._executor,
+                    max_batch=min(self.batch_max_size, spec.max_batch_size),
+                    max_delay_s=self.batch_max_delay_ms / 1000.0,
+                    stats=self.stats[role],
+                )
 
     async def infer(
         self, model: str, inputs: dict[str, np.ndarray], *, timeout_s: float | None = None
     ) -> dict[str, np.ndarray]:
-        session = self._sessions[model]
-        spec = self.specs[model]
-        output_names = [t.name for t in spec.outputs]
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, session.run, output_names, inputs)
+        batcher = self._batchers.get(model)
+        if batcher is not None:
+            call = batcher.submit(inputs)
+        else:
+            call = self._run_direct(model, inputs)
         try:
-            values = await asyncio.wait_for(future, timeout=timeout_s)
+            return await asyncio.wait_for(call, timeout=timeout_s)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"model {model!r} did not answer within {timeout_s:.3f} s") from None
-        return dict(zip(output_names, values))
+
+    def run_session(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One blocking session call (any thread); every output the spec declares, by name."""
+        output_names = [t.name for t in self.specs[model].outputs]
+        return dict(zip(output_names, self._sessions[model].run(output_names, inputs)))
+
+    def session(self, model: str) -> ort.InferenceSession:
+        """The session serving `model` (the bench's floor calls these directly)."""
+        return self._sessions[model]
+
+    def batch_stats(self) -> dict[str, dict[int, int]]:
+        """model role → {batch size: batches run}, since start."""
+        return {role: stats.histogram() for role, stats in self.stats.items()}
+
+    async def _run_direct(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.specs[model]
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        outputs = await loop.run_in_executor(self._executor, self.run_session, model, inputs)
+        rows = int(next(iter(inputs.values())).shape[0]) if spec.max_batch_size > 0 else 1
+        self.stats[model].record(rows, 1, time.perf_counter() - started)
+        return outputs
 
     async def is_ready(self) -> bool:
         return bool(self._sessions) and len(self._sessions) == len(self.specs)
 
     async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()
+        self._batchers.clear()
         self._sessions.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
