@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ MODEL = "classifier"
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train the 4-class brain-MRI classifier (Keras, from scratch).")
-    train_common.add_common_args(parser, model=MODEL, size=128, epochs=24, batch=32, lr=2e-3)
+    train_common.add_common_args(parser, model=MODEL, size=112, epochs=18, batch=32, lr=2e-3)
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
     parser.add_argument("--dropout", type=float, default=0.3, help="dropout before the classifier head")
     parser.add_argument("--widths", type=str, default="24,32,64,128", help="channels per stage, comma-separated")
@@ -111,9 +113,11 @@ def main(args: argparse.Namespace) -> int:
         balanced_accuracy_callback(x_val, labels[val_idx]),
         keras.callbacks.ModelCheckpoint(out / "best.keras", monitor="val_balanced_accuracy", mode="max", save_best_only=True),
         keras.callbacks.ModelCheckpoint(out / "last.keras"),
+        train_common.budget_callback(schedule, budget_minutes=args.time_budget_min, steps_per_epoch=steps, max_epochs=args.epochs),
         keras.callbacks.CSVLogger(out / "log.csv"),
         train_common.progress_callback("classifier"),
     ]
+    started = time.time()
     history = model.fit(train_ds, validation_data=(x_val, y_val), epochs=args.epochs, callbacks=callbacks, verbose=0)
     best_epoch = int(np.argmax(history.history["val_balanced_accuracy"]))
     summary = {
@@ -124,6 +128,9 @@ def main(args: argparse.Namespace) -> int:
         "val_images": int(len(val_idx)),
         "class_counts": dict(zip(CLASS_LABELS, counts.tolist())),
         "parameters": int(model.count_params()),
+        "epochs_run": len(history.history["loss"]),
+        "train_wall_minutes": round((time.time() - started) / 60.0, 1),
+        "host": f"{platform.node()} (CPU, {args.threads} TF thread(s))",
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"best checkpoint {out / 'best.keras'}: {json.dumps(summary)}")

@@ -44,6 +44,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str, size: int, e
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="share of training data held out for model selection")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / model, help="run folder: args.json, log.csv, checkpoints")
+    parser.add_argument("--time-budget-min", type=float, default=0.0, help="wall-clock budget: the cosine schedule is fitted to the epochs that fit (0 = exactly --epochs)")
     parser.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke tests); 0 = all")
 
 
@@ -83,15 +84,61 @@ def group_split(
 
 
 def cosine_schedule(lr: float, total_steps: int, warmup_steps: int):
+    """Linear warm-up then cosine decay; `total_steps` can be moved during training (see `budget_callback`)."""
+    import keras
+    import tensorflow as tf
+
+    class AdjustableCosine(keras.optimizers.schedules.LearningRateSchedule):
+        def __init__(self, peak: float, warmup: int, total: int) -> None:
+            self.peak, self.warmup = float(peak), float(max(1, warmup))
+            self.total = tf.Variable(float(max(total, warmup + 1)), trainable=False, dtype=tf.float32)
+
+        def __call__(self, step):
+            step = tf.cast(step, tf.float32)
+            warm = self.peak * (0.05 + 0.95 * step / self.warmup)
+            progress = tf.clip_by_value((step - self.warmup) / tf.maximum(1.0, self.total - self.warmup), 0.0, 1.0)
+            cosine = self.peak * (0.01 + 0.99 * 0.5 * (1.0 + tf.cos(math.pi * progress)))
+            return tf.where(step < self.warmup, warm, cosine)
+
+        def get_config(self):
+            return {"peak": self.peak, "warmup": self.warmup, "total": float(self.total.numpy())}
+
+    return AdjustableCosine(lr, warmup_steps, total_steps)
+
+
+def budget_callback(schedule, *, budget_minutes: float, steps_per_epoch: int, max_epochs: int):
+    """Fit training into a wall-clock budget on a shared machine.
+
+    After each epoch, estimate how many epochs still fit, stretch or shrink the
+    cosine schedule so it ends then, and stop when it has. A budget of 0 keeps
+    the fixed epoch count (fully deterministic runs).
+    """
+    import time
+
     import keras
 
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=lr * 0.05,
-        decay_steps=max(1, total_steps - warmup_steps),
-        alpha=0.01,
-        warmup_target=lr,
-        warmup_steps=warmup_steps,
-    )
+    class Budget(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.start = time.time()
+            self.durations: list[float] = []
+            self.last = self.start
+
+        def on_epoch_end(self, epoch, logs=None):
+            now = time.time()
+            self.durations.append(now - self.last)
+            self.last = now
+            if budget_minutes <= 0:
+                return
+            per_epoch = float(np.mean(self.durations[-2:]))
+            left = budget_minutes * 60.0 - (now - self.start)
+            planned = min(max_epochs, epoch + 1 + max(0, int(left // per_epoch)))
+            schedule.total.assign(float(max(planned * steps_per_epoch, schedule.warmup + 1)))
+            if logs is not None:
+                logs["planned_epochs"] = planned
+            if epoch + 1 >= planned:
+                self.model.stop_training = True
+
+    return Budget()
 
 
 def augment_batch(images, masks=None, *, rotation_deg: float = 15.0, scale: tuple[float, float] = (0.85, 1.15),

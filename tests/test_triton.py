@@ -27,7 +27,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from gateway.backends.triton import TritonBackend
 from gateway.contract import CONFIG_FILE, MODEL_FILE, load_repository, parse_config
 from gateway.errors import BackendUnavailable, ContractError
-from gateway.triton_local import LocalTriton, TritonStartupError, build_shim_repository, shim_config
+from gateway.triton_local import LocalTriton, TritonStartupError, build_shim_repository, diagnose, shim_config
 from tests.conftest import png_bytes, synthetic_slice
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +91,23 @@ def test_shim_config_moves_gpu_instances_to_cpu_only_without_gpus() -> None:
     assert not cpu.optimization.execution_accelerators.gpu_execution_accelerator
     gpu = shim_config(config, gpu_available=True)
     assert gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and list(gpu.instance_group[0].gpus) == [0]
+
+
+@pytest.mark.parametrize(
+    ("log_line", "cause"),
+    [  # lines as tritonserver 2.51 writes them
+        ('E1123 09:17:07.713606 11978 main.cc:257] "failed to start HTTP service: Unavailable - '
+         "Socket '127.0.0.1:59031' already in use \"", "address 127.0.0.1:59031 already in use"),
+        ("tritonserver: error while loading shared libraries: libb64.so.0d: cannot open shared object file",
+         "missing shared library: libb64.so.0d: cannot open shared object file"),
+        ('E1123 09:13:50.788290 8906 model_lifecycle.cc:642] "failed to load \'unet\' version 1: Internal: '
+         'InvalidProtobuf: Protobuf parsing failed.\\n\\nAt:\\n  model.py(56): initialize\\n"',
+         "model 'unet' failed to load: Internal: InvalidProtobuf: Protobuf parsing failed."),
+    ],
+)  # fmt: skip
+def test_diagnose_names_the_cause(log_line: str, cause: str) -> None:
+    harmless = 'E1123 09:13:35.213429 8429 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+    assert diagnose(harmless + log_line + "\n") == cause
 
 
 # --- the server ------------------------------------------------------------

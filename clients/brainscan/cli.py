@@ -30,6 +30,7 @@ DELEGATED: dict[tuple[str, str], tuple[str, bool]] = {
     ("data", "audit"): ("export.audit", False),
     ("export", "tiny"): ("export.tiny", False),
     ("bench", "triton"): ("gateway.triton_bench", False),
+    ("bench", "pipeline"): ("bench.pipeline", False),
 }
 SINGLE: dict[str, str] = {"triton": "gateway.triton_local"}
 

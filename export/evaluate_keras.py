@@ -1,0 +1,238 @@
+"""`brainscan evaluate classifier|unet`: metrics from the committed ONNX file.
+
+Runs `model_repository/<model>/1/model.onnx` in ONNX Runtime on tensors made
+by the gateway's own preprocessing (`load_image_file` → `prepare(S)`, S read
+from config.pbtxt), on every evaluation split in full and on its
+duplicate-free subset (`export/eval_subsets.json`), and prints JSON. The
+model card embeds exactly this JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from export.datasets import CLASS_LABELS, default_data_root, load_classification_split, load_via_split
+from gateway.preprocessing import load_image_file, mask_to_original, prepare
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MASK_THRESHOLD = 0.5
+CLASSIFIER_SPLIT = "sartaj-classification/Testing"
+SEGMENTATION_SPLITS = ("br35h-polygons/val", "ruslan-kl-polygons/test")
+TARGETS = {
+    "classifier": {
+        "Testing full accuracy >= 0.85": ("sartaj-classification/Testing", "full", "accuracy", 0.85),
+        "Testing full glioma recall >= 0.50": ("sartaj-classification/Testing", "full", "recall.glioma", 0.50),
+        "Testing duplicate-free accuracy >= 0.70": ("sartaj-classification/Testing", "duplicate_free", "accuracy", 0.70),
+    },
+    "unet": {
+        "br35h val full mean Dice >= 0.80": ("br35h-polygons/val", "full", "dice", 0.80),
+        "br35h val duplicate-free mean Dice >= 0.80": ("br35h-polygons/val", "duplicate_free", "dice", 0.80),
+        "Testing no_tumor empty-mask share >= 0.95": ("sartaj-classification/Testing/no_tumor", "full", "empty_mask_rate", 0.95),
+    },
+}
+
+
+class OnnxModel:
+    """An ONNX Runtime session plus the contract read from config.pbtxt."""
+
+    def __init__(self, repository: Path, model: str, *, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        from gateway.contract import load_model_spec
+
+        self.spec = load_model_spec(Path(repository) / model)
+        self.size = self.spec.input_size
+        self.output_name = self.spec.outputs[0].name
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.spec.onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {"image": batch.astype(np.float32)})[0]
+
+    def predict(self, tensors: Iterable[np.ndarray], batch_size: int) -> np.ndarray:
+        outputs, pending = [], []
+        for tensor in tensors:
+            pending.append(tensor)
+            if len(pending) == batch_size:
+                outputs.append(self.run(np.stack(pending)))
+                pending = []
+        if pending:
+            outputs.append(self.run(np.stack(pending)))
+        return np.concatenate(outputs)
+
+
+def classification_metrics(truth: np.ndarray, probabilities: np.ndarray) -> dict[str, object]:
+    pred = probabilities.argmax(axis=1)
+    confusion = np.zeros((len(CLASS_LABELS), len(CLASS_LABELS)), dtype=int)
+    np.add.at(confusion, (truth, pred), 1)
+    recall = {
+        label: round(float(confusion[c, c] / confusion[c].sum()), 4) if confusion[c].sum() else None
+        for c, label in enumerate(CLASS_LABELS)
+    }
+    present = [r for r in recall.values() if r is not None]
+    no_tumor = CLASS_LABELS.index("no_tumor")
+    tumor_true = truth != no_tumor
+    tumor_pred = (1.0 - probabilities[:, no_tumor]) >= 0.5
+    return {
+        "n": int(len(truth)),
+        "accuracy": round(float((pred == truth).mean()), 4),
+        "balanced_accuracy": round(float(np.mean(present)), 4),
+        "recall": recall,
+        "tumor_vs_no_tumor_accuracy": round(float((tumor_pred == tumor_true).mean()), 4),
+        "confusion_matrix": {"rows_true_cols_pred": list(CLASS_LABELS), "counts": confusion.tolist()},
+    }
+
+
+def evaluate_classifier(model: OnnxModel, data_root: Path, duplicate_free: set[str], batch_size: int) -> dict[str, object]:
+    items = load_classification_split(data_root, "Testing")
+    tensors = (_tensor(p, model.size) for p, _ in items)
+    probabilities = model.predict(tqdm(tensors, total=len(items), desc="classifier Testing", unit="img"), batch_size)
+    truth = np.array([CLASS_LABELS.index(label) for _, label in items])
+    keep = np.array([_relative(p, data_root) in duplicate_free for p, _ in items])
+    return {
+        CLASSIFIER_SPLIT: {
+            "full": classification_metrics(truth, probabilities),
+            "duplicate_free": classification_metrics(truth[keep], probabilities[keep]),
+        }
+    }
+
+
+def segmentation_metrics(dice: Sequence[float], iou: Sequence[float]) -> dict[str, object]:
+    dice_arr, iou_arr = np.asarray(dice, dtype=float), np.asarray(iou, dtype=float)
+    return {
+        "n": int(len(dice_arr)),
+        "dice": round(float(dice_arr.mean()), 4) if len(dice_arr) else None,
+        "iou": round(float(iou_arr.mean()), 4) if len(iou_arr) else None,
+        "median_dice": round(float(np.median(dice_arr)), 4) if len(dice_arr) else None,
+        "share_dice_below_0.5": round(float((dice_arr < 0.5).mean()), 4) if len(dice_arr) else None,
+    }
+
+
+def evaluate_unet(model: OnnxModel, data_root: Path, duplicate_free: dict[str, set[str]], batch_size: int) -> dict[str, object]:
+    results: dict[str, object] = {}
+    for key in SEGMENTATION_SPLITS:
+        dataset, split = key.split("/")
+        slices = load_via_split(data_root, dataset, split)
+        dice, iou, keep = [], [], []
+        for item in tqdm(slices, desc=f"unet {key}", unit="img"):
+            gray = load_image_file(str(item.path)).pixels
+            prepared = prepare(gray, model.size)
+            prob = model.run(prepared.tensor[None, ..., None])[0, ..., 0]
+            # Scored on the original pixel grid, where the gateway reports masks.
+            pred = mask_to_original(prob, prepared) >= MASK_THRESHOLD
+            truth = item.union_mask(*gray.shape)
+            inter, union, total = (pred & truth).sum(), (pred | truth).sum(), pred.sum() + truth.sum()
+            dice.append(1.0 if total == 0 else 2.0 * inter / total)
+            iou.append(1.0 if union == 0 else inter / union)
+            keep.append(_relative(item.path, data_root) in duplicate_free[key])
+        keep_arr = np.array(keep)
+        results[key] = {
+            "full": segmentation_metrics(dice, iou),
+            "duplicate_free": segmentation_metrics(np.array(dice)[keep_arr], np.array(iou)[keep_arr]),
+        }
+    negatives = [p for p, label in load_classification_split(data_root, "Testing") if label == "no_tumor"]
+    probs = model.predict(
+        tqdm((_tensor(p, model.size) for p in negatives), total=len(negatives), desc="unet Testing/no_tumor", unit="img"),
+        batch_size,
+    )
+    empty = ~(probs >= MASK_THRESHOLD).reshape(len(negatives), -1).any(axis=1)
+    keep_neg = np.array([_relative(p, data_root) in duplicate_free[CLASSIFIER_SPLIT] for p in negatives])
+
+    def empty_stats(mask: np.ndarray) -> dict[str, object]:
+        return {"n": int(mask.sum()), "empty_mask_rate": round(float(empty[mask].mean()), 4) if mask.any() else None}
+
+    results[f"{CLASSIFIER_SPLIT}/no_tumor"] = {
+        "full": empty_stats(np.ones(len(negatives), dtype=bool)),
+        "duplicate_free": empty_stats(keep_neg),
+    }
+    return results
+
+
+def evaluate(model_name: str, *, data_root: Path, repository: Path, batch_size: int = 16, threads: int = 1) -> dict[str, object]:
+    from export.audit import SUBSETS_FILE, load_or_build_audit
+
+    audit = load_or_build_audit(data_root)
+    duplicate_free = {key: set(paths) for key, paths in audit.duplicate_free.items()}
+    model = OnnxModel(repository, model_name, threads=threads)
+    if model_name == "classifier":
+        splits = evaluate_classifier(model, data_root, duplicate_free[CLASSIFIER_SPLIT], batch_size)
+    elif model_name == "unet":
+        splits = evaluate_unet(model, data_root, duplicate_free, batch_size)
+    else:
+        raise ValueError(f"unknown model {model_name!r}; expected classifier or unet")
+    report: dict[str, object] = {
+        "model": model_name,
+        "onnx_sha256": hashlib.sha256(model.spec.onnx_path.read_bytes()).hexdigest(),
+        "input_size": model.size,
+        "preprocessing": "gateway.preprocessing: load_image_file -> prepare(size) (brain crop, resize, percentile normalize)",
+        "duplicate_free_subsets": f"{SUBSETS_FILE.relative_to(REPO_ROOT)} (no near-duplicate in any training split)",
+        "evaluated": dt.date.today().isoformat(),
+        "splits": splits,
+    }
+    if model_name == "unet":
+        report["mask_threshold"] = MASK_THRESHOLD
+    report["targets"] = check_targets(model_name, splits)
+    return report
+
+
+def check_targets(model_name: str, splits: dict[str, object]) -> dict[str, object]:
+    checks = {}
+    for title, (split, subset, metric, minimum) in TARGETS[model_name].items():
+        value: object = splits[split][subset]  # type: ignore[index]
+        for part in metric.split("."):
+            value = value[part]  # type: ignore[index]
+        checks[title] = {"value": value, "met": value is not None and float(value) >= minimum}
+    return checks
+
+
+def _tensor(path: Path, size: int) -> np.ndarray:
+    return prepare(load_image_file(str(path)).pixels, size).tensor[..., None]
+
+
+def _relative(path: Path, data_root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path(data_root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+# --- CLI -------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Recompute a model's card metrics from its committed ONNX file.")
+    parser.add_argument("model", choices=("classifier", "unet"), help="which model to evaluate")
+    parser.add_argument("--data", type=Path, default=default_data_root(), help="datasets root (default: $BRAINSCAN_DATA or ../shared/datasets)")
+    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository", help="model repository holding <model>/1/model.onnx")
+    parser.add_argument("--batch-size", type=int, default=16, help="ONNX Runtime batch size")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--output", type=Path, default=None, help="also write the JSON to this file")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a quality target is missed")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if not Path(args.data).is_dir():
+        print(f"datasets folder {args.data} not found; pass --data or set BRAINSCAN_DATA")
+        return 2
+    report = evaluate(args.model, data_root=args.data, repository=args.repository, batch_size=args.batch_size, threads=args.threads)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    missed = [t for t, r in report["targets"].items() if not r["met"]]  # type: ignore[union-attr]
+    return 1 if args.check and missed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))

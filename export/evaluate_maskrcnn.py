@@ -1,0 +1,189 @@
+"""`brainscan evaluate maskrcnn`: COCO box/mask AP and the false-positive rate, as served.
+
+Each slice takes the gateway's path: `prepare(S)` → model → boxes and masks
+mapped back to original pixels (`boxes_to_original`, `mask_to_original`), and
+is scored there against the VIA regions rasterized at full resolution.
+
+- br35h-polygons/val and ruslan-kl-polygons/test: box and mask AP@0.5 and
+  AP@0.5:0.95 (pycocotools), plus the share of slices with a detection at the
+  serving threshold;
+- sartaj-classification/Testing/no_tumor: share of slices with a detection
+  ≥ the serving threshold (false-positive rate);
+
+each on the full split and on its duplicate-free subset (export/eval_subsets.json).
+The model is a training checkpoint (PyTorch) or, with --onnx, the exported
+graph through ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from export.datasets import AnnotatedSlice, default_data_root, load_classification_split, load_via_split
+from export.maskrcnn_metrics import MASK_THRESHOLD, Prediction, coco_metrics, false_positive_rate
+from gateway.preprocessing import boxes_to_original, load_image_file, mask_to_original, prepare
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVING_THRESHOLD = 0.5
+DETECTION_SPLITS = ("br35h-polygons/val", "ruslan-kl-polygons/test")
+NEGATIVE_SPLIT = "sartaj-classification/Testing"
+TARGETS = {"box_ap50": 0.90, "mask_ap50": 0.85, "no_tumor_fp_rate_max": 0.05}
+
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]  # [1,S,S] → boxes, scores, masks
+
+
+def torch_runner(checkpoint: Path, device: str = "cpu") -> tuple[Runner, int]:
+    from export.export_maskrcnn import load_checkpoint
+    from export.maskrcnn_model import MaskRCNNExportWrapper
+
+    model, config, _ = load_checkpoint(checkpoint)
+    wrapper = MaskRCNNExportWrapper(model.to(device)).eval()
+
+    @torch.no_grad()
+    def run(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        outputs = wrapper(torch.from_numpy(image).to(device))
+        return tuple(o.cpu().numpy() for o in outputs)  # type: ignore[return-value]
+
+    return run, config.input_size
+
+
+def onnx_runner(model_dir: Path, threads: int = 2) -> tuple[Runner, int]:
+    from export.maskrcnn_onnx import OUTPUT_NAMES, ort_session
+    from gateway.contract import load_model_spec
+
+    spec = load_model_spec(model_dir)
+    session = ort_session(spec.onnx_path, threads=threads)
+
+    def run(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(session.run(list(OUTPUT_NAMES), {"image": image}))  # type: ignore[return-value]
+
+    return run, spec.input_size
+
+
+def predict_original(run: Runner, path: Path, size: int) -> tuple[Prediction, tuple[int, int]]:
+    """Detections of one file mapped to its original pixels, exactly as the gateway maps them."""
+    gray = load_image_file(str(path)).pixels
+    prepared = prepare(gray, size)
+    boxes, scores, masks = run(np.ascontiguousarray(prepared.tensor, dtype=np.float32)[None])
+    full_boxes = boxes_to_original(boxes, prepared, size)
+    full_masks = np.stack([mask_to_original(m[0], prepared) >= MASK_THRESHOLD for m in masks]) if len(masks) else (
+        np.zeros((0, *gray.shape), bool))
+    return Prediction(full_boxes, scores.astype(np.float32), full_masks), gray.shape
+
+
+def evaluate_detection_split(run: Runner, size: int, slices: list[AnnotatedSlice], keep_free: set[Path],
+                             threshold: float, desc: str) -> dict[str, dict[str, object]]:
+    gts, preds, free = [], [], []
+    for item in tqdm(slices, desc=desc, unit="img"):
+        pred, shape = predict_original(run, item.path, size)
+        masks = item.instance_masks(*shape)
+        gts.append(np.stack(masks) if masks else np.zeros((0, *shape), bool))
+        preds.append(pred)
+        free.append(item.path.resolve() in keep_free)
+    out = {}
+    for name, chosen in (("full", [True] * len(slices)), ("duplicate_free", free)):
+        g = [x for x, c in zip(gts, chosen) if c]
+        p = [x for x, c in zip(preds, chosen) if c]
+        row: dict[str, object] = {"images": len(g), "instances": int(sum(len(x) for x in g))}
+        if g:
+            row.update({k: round(v, 4) for k, v in coco_metrics(g, p).items()})
+            # Same helper as the FP rate: here "an image with a detection" is the wanted outcome.
+            row["detected_at_threshold"] = round(false_positive_rate(p, threshold), 4)
+        out[name] = row
+    return out
+
+
+def evaluate_negatives(run: Runner, size: int, paths: list[Path], keep_free: set[Path], threshold: float) -> dict[str, dict[str, object]]:
+    preds, free = [], []
+    for path in tqdm(paths, desc="no_tumor", unit="img"):
+        gray = load_image_file(str(path)).pixels
+        _, scores, _ = run(np.ascontiguousarray(prepare(gray, size).tensor, dtype=np.float32)[None])
+        preds.append(Prediction(np.zeros((len(scores), 4), np.float32), scores, np.zeros((len(scores), 1, 1), bool)))
+        free.append(path.resolve() in keep_free)
+    out = {}
+    for name, chosen in (("full", [True] * len(paths)), ("duplicate_free", free)):
+        p = [x for x, c in zip(preds, chosen) if c]
+        rate = false_positive_rate(p, threshold)
+        out[name] = {"images": len(p), "fp_rate": None if rate != rate else round(rate, 4),
+                     "max_score_mean": round(float(np.mean([x.scores.max() if len(x.scores) else 0.0 for x in p])), 4) if p else None}
+    return out
+
+
+def targets_report(results: dict) -> dict[str, object]:
+    br35h = results["br35h-polygons/val"]
+    report = {}
+    for subset in ("full", "duplicate_free"):
+        row = br35h[subset]
+        report[f"br35h_val_{subset}_box_ap50>=0.90"] = bool(row.get("box_ap50", 0) >= TARGETS["box_ap50"])
+        report[f"br35h_val_{subset}_mask_ap50>=0.85"] = bool(row.get("mask_ap50", 0) >= TARGETS["mask_ap50"])
+    fp = results["no_tumor"]["full"]["fp_rate"]
+    report["no_tumor_fp_rate<=0.05"] = bool(fp is not None and fp <= TARGETS["no_tumor_fp_rate_max"])
+    return report
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="COCO box/mask AP and the no_tumor false-positive rate of the Mask R-CNN.")
+    parser.add_argument("--data", type=Path, default=default_data_root(), help="datasets root (default: $BRAINSCAN_DATA or ../shared/datasets)")
+    parser.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "runs" / "maskrcnn" / "last.pt", help="training checkpoint to evaluate (PyTorch)")
+    parser.add_argument("--onnx", type=Path, default=None, help="evaluate an exported model folder instead (e.g. model_repository/maskrcnn), through ONNX Runtime")
+    parser.add_argument("--threshold", type=float, default=SERVING_THRESHOLD, help="serving score threshold (false-positive rate, detected share)")
+    parser.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (checkpoints only)")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N slices of each split (smoke tests); 0 = all")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "maskrcnn" / "evaluation.json", help="where to write the metrics JSON")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    from export.audit import load_or_build_audit
+
+    if not Path(args.data).is_dir():
+        print(f"datasets folder {args.data} not found; pass --data or set BRAINSCAN_DATA")
+        return 2
+    torch.set_num_threads(args.threads)
+    if args.onnx is not None:
+        run, size = onnx_runner(args.onnx, args.threads)
+        source = f"onnx:{args.onnx}"
+    else:
+        if not Path(args.checkpoint).is_file():
+            print(f"checkpoint {args.checkpoint} not found; run `brainscan train maskrcnn` first")
+            return 2
+        run, size = torch_runner(args.checkpoint, args.device)
+        source = f"checkpoint:{args.checkpoint}"
+    audit = load_or_build_audit(args.data)
+    limit = args.limit or None
+    started = time.time()
+    results: dict[str, object] = {}
+    for key in DETECTION_SPLITS:
+        dataset, split = key.split("/")
+        slices = load_via_split(args.data, dataset, split)[:limit]
+        free = {p.resolve() for p in audit.duplicate_free_paths(key)}
+        results[key] = evaluate_detection_split(run, size, slices, free, args.threshold, key)
+    negatives = [p for p, label in load_classification_split(args.data, "Testing") if label == "no_tumor"][:limit]
+    free = {p.resolve() for p in audit.duplicate_free_paths(NEGATIVE_SPLIT)}
+    results["no_tumor"] = {"split": f"{NEGATIVE_SPLIT}/no_tumor", **evaluate_negatives(run, size, negatives, free, args.threshold)}
+    payload = {
+        "model": source,
+        "input_size": size,
+        "serving_threshold": args.threshold,
+        "grid": "original pixels (predictions mapped back through the gateway's crop)",
+        "results": results,
+        "targets": targets_report(results),
+        "seconds": round(time.time() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))

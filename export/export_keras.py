@@ -1,0 +1,345 @@
+"""`brainscan export classifier|unet`: Keras checkpoint → Triton model repository.
+
+Writes `model_repository/<model>/1/model.onnx` (tf2onnx, dynamic batch,
+tensors named by the contract), optionally `model.savedmodel/`, the
+config.pbtxt (+ labels.txt) through `export.repository`, and MODEL_CARD.md
+with the metrics `brainscan evaluate` computes from the written ONNX file.
+Export fails unless ONNX Runtime matches Keras within 1e-4 on real slices
+and the ONNX file is at most 20 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.datasets import CLASS_LABELS, default_data_root
+from export.keras_models import INPUT_NAME, OUTPUT_NAMES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAX_BATCH_SIZE = 16
+PARITY_TOLERANCE = 1e-4
+MAX_ONNX_BYTES = 20 * 1024 * 1024
+OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """The exported model is unusable (parity, size or contract)."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    onnx_path: Path
+    onnx_bytes: int
+    parity_max_abs_diff: float
+    parity_images: int
+    size: int
+
+
+def output_spec(model: str, size: int):
+    import numpy as np
+
+    from gateway.contract import TensorSpec
+
+    if model == "classifier":
+        return TensorSpec(OUTPUT_NAMES[model], np.dtype(np.float32), (len(CLASS_LABELS),))
+    return TensorSpec(OUTPUT_NAMES[model], np.dtype(np.float32), (size, size, 1))
+
+
+def keras_to_onnx(keras_model, model: str, path: Path) -> None:
+    """Convert with tf2onnx from a tf.function whose signature and output dict carry the contract's names."""
+    import tensorflow as tf
+    import tf2onnx
+
+    size = int(keras_model.input_shape[1])
+    signature = [tf.TensorSpec([None, size, size, 1], tf.float32, name=INPUT_NAME)]
+
+    @tf.function(input_signature=signature)
+    def serve(image):
+        return {OUTPUT_NAMES[model]: keras_model(image, training=False)}
+
+    proto, _ = tf2onnx.convert.from_function(serve, input_signature=signature, opset=OPSET)
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        if not dim.dim_value:
+            dim.dim_param = "batch"
+    names = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
+    if names != ([INPUT_NAME], [OUTPUT_NAMES[model]]):
+        raise ExportError(f"ONNX graph tensors are {names}; expected ([{INPUT_NAME!r}], [{OUTPUT_NAMES[model]!r}])")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(proto.SerializeToString())
+
+
+def check_parity(keras_model, onnx_file: Path, model: str, inputs: np.ndarray) -> float:
+    """Max |ONNX Runtime − Keras| over `inputs`, run as one batch and one by one (dynamic batch)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    got_inputs = [i.name for i in session.get_inputs()]
+    got_outputs = [o.name for o in session.get_outputs()]
+    if got_inputs != [INPUT_NAME] or got_outputs != [OUTPUT_NAMES[model]]:
+        raise ExportError(f"ONNX Runtime sees inputs {got_inputs} and outputs {got_outputs}")
+    expected = np.asarray(keras_model(inputs, training=False))
+    batched = session.run(None, {INPUT_NAME: inputs})[0]
+    single = np.concatenate([session.run(None, {INPUT_NAME: inputs[i : i + 1]})[0] for i in range(len(inputs))])
+    diff = float(max(np.abs(batched - expected).max(), np.abs(single - expected).max()))
+    if not np.isfinite(diff) or diff > PARITY_TOLERANCE:
+        raise ExportError(f"ONNX Runtime differs from Keras by {diff:.3g} (> {PARITY_TOLERANCE}) on {len(inputs)} slices")
+    return diff
+
+
+def parity_inputs(size: int, data_root: Path | None, count: int = 8) -> tuple[np.ndarray, str]:
+    """Real slices through the gateway's preprocessing; synthetic phantoms only when no datasets exist."""
+    from export.prepared import model_input
+
+    if data_root is not None and Path(data_root).is_dir():
+        from export.datasets import load_classification_split, load_via_split
+
+        candidates = [p for p, _ in load_classification_split(data_root, "Training")][:: 300][: count // 2]
+        candidates += [s.path for s in load_via_split(data_root, "br35h-polygons", "val")][:: 40][: count - len(candidates)]
+        return np.stack([model_input(p, size) for p in candidates]), f"{len(candidates)} real slices from {data_root}"
+    from gateway.preprocessing import prepare
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:256, :256]
+    slices = []
+    for _ in range(count):
+        head = (((xx - 128) / rng.uniform(80, 110)) ** 2 + ((yy - 128) / rng.uniform(90, 120)) ** 2 < 1).astype(np.float32)
+        slices.append(prepare(np.clip(head * 0.6 + rng.normal(0, 0.05, head.shape), 0, 1).astype(np.float32), size).tensor[..., None])
+    return np.stack(slices), "synthetic phantoms (datasets absent)"
+
+
+def export_model(keras_model, repository: Path, model: str, *, data_root: Path | None, savedmodel: bool = False) -> ExportResult:
+    """Write ONNX (+ SavedModel) and config.pbtxt for `keras_model`; verify parity and size."""
+    from export.repository import onnx_path, version_dir, write_model_config
+    from gateway.contract import TensorSpec
+
+    size = int(keras_model.input_shape[1])
+    path = onnx_path(repository, model)
+    keras_to_onnx(keras_model, model, path)
+    onnx_bytes = path.stat().st_size
+    if onnx_bytes > MAX_ONNX_BYTES:
+        raise ExportError(f"{path} is {onnx_bytes / 2**20:.1f} MB; the limit is {MAX_ONNX_BYTES / 2**20:.0f} MB")
+    inputs, _ = parity_inputs(size, data_root)
+    diff = check_parity(keras_model, path, model, inputs)
+    if savedmodel:
+        write_savedmodel(keras_model, model, version_dir(repository, model) / "model.savedmodel")
+    write_model_config(
+        repository,
+        name=model,
+        max_batch_size=MAX_BATCH_SIZE,
+        inputs=[TensorSpec(INPUT_NAME, np.dtype(np.float32), (size, size, 1))],
+        outputs=[output_spec(model, size)],
+        labels=list(CLASS_LABELS) if model == "classifier" else None,
+        label_output=OUTPUT_NAMES["classifier"] if model == "classifier" else None,
+    )
+    return ExportResult(onnx_path=path, onnx_bytes=onnx_bytes, parity_max_abs_diff=diff, parity_images=len(inputs), size=size)
+
+
+def write_savedmodel(keras_model, model: str, folder: Path) -> None:
+    """TF SavedModel with a `serving_default` signature using the same tensor names as the ONNX graph."""
+    import keras
+    import tensorflow as tf
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    size = int(keras_model.input_shape[1])
+    archive = keras.export.ExportArchive()
+    archive.track(keras_model)
+    archive.add_endpoint(
+        name="serving_default",
+        fn=lambda image: {OUTPUT_NAMES[model]: keras_model(image, training=False)},
+        input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32, name=INPUT_NAME)],
+    )
+    archive.write_out(str(folder), verbose=False)
+
+
+def write_tiny(repository: Path, model: str) -> None:
+    """Tiny random-weight model with the real contract, exported through the same path (plumbing tests)."""
+    from export.keras_models import build_classifier, build_unet
+    from export.repository import write_model_card
+    from export.train_common import setup_tensorflow
+
+    setup_tensorflow(threads=1, seed=0)
+    if model == "classifier":
+        keras_model = build_classifier(64, widths=(8, 8, 16, 16), depths=(1, 1, 1, 1))
+    elif model == "unet":
+        keras_model = build_unet(64, base=4, levels=2)
+    else:
+        raise ValueError(f"unknown model {model!r}; expected classifier or unet")
+    data_root = default_data_root()
+    result = export_model(keras_model, Path(repository), model, data_root=data_root if data_root.is_dir() else None)
+    write_model_card(
+        Path(repository),
+        model,
+        summary="Tiny random-weight model for plumbing tests only: the contract is real, the answers mean nothing.",
+        sections={"Export": f"ONNX {result.onnx_bytes} bytes; parity max |diff| {result.parity_max_abs_diff:.2e}."},
+        metrics={},
+    )
+
+
+# --- model card ----------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def training_record(run_dir: Path) -> dict[str, object]:
+    """What the run folder says about training: its arguments, summary and epoch log."""
+    record: dict[str, object] = {"args": _read_json(run_dir / "args.json"), "summary": _read_json(run_dir / "summary.json")}
+    log = run_dir / "log.csv"
+    if log.is_file():
+        with log.open() as handle:
+            record["epochs_logged"] = sum(1 for _ in csv.DictReader(handle))
+    if (run_dir / "args.json").is_file() and (run_dir / "summary.json").is_file():
+        record["wall_minutes"] = round(((run_dir / "summary.json").stat().st_mtime - (run_dir / "args.json").stat().st_mtime) / 60, 1)
+    return record
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def card_sections(model: str, record: dict[str, object], result: ExportResult, savedmodel: bool) -> dict[str, str]:
+    args = record.get("args", {}) or {}
+    summary = record.get("summary", {}) or {}
+    summary_json = json.dumps(summary, indent=1)
+    where = (
+        f"CPU only: {os.cpu_count()} cores shared with other jobs ({_cpu_name()}), TensorFlow "
+        f"{args.get('threads', 1)} intra-op thread(s); host `{platform.node()}`; "
+        f"{record.get('epochs_logged', '?')} epochs in about {record.get('wall_minutes', '?')} min wall."
+    )
+    common_recipe = (
+        f"Keras 3 (TensorFlow backend), from scratch (no pretrained weights). Input S={result.size}: "
+        "`gateway.preprocessing.prepare` (brain crop, resize, percentile normalize) exactly as served. "
+        "On-batch augmentation: horizontal flip, rotation ±15°, scale 0.85-1.15, shift ±8%, gamma 0.7-1.5, "
+        "contrast 0.75-1.3, brightness ±0.08, Gaussian noise. AdamW "
+        f"(lr {args.get('lr')}, weight decay {args.get('weight_decay')}), 2-epoch warm-up then cosine decay, "
+        f"batch {args.get('batch_size')}, {args.get('epochs')} epochs, seed {args.get('seed')}. "
+        "Best epoch chosen on the validation split (carved from training data by near-duplicate group; "
+        "evaluation splits never used for selection).\n\nTraining summary:\n\n```json\n" + summary_json + "\n```"
+    )
+    if model == "classifier":
+        data = (
+            "Trained on `sartaj-classification/Training` minus every near-duplicate of an evaluation image "
+            "(`brainscan data audit`, list in `export/eval_subsets.json`); 15% of the rest held out by "
+            "near-duplicate group for model selection. Reported on the official `Testing/` split and on its "
+            "duplicate-free subset (images with no near-duplicate in any training split: the 'novel' images, "
+            "mostly glioma and pituitary from another source). Labels: glioma, meningioma, no_tumor, pituitary "
+            "(`labels.txt`); tumor probability = 1 − p(no_tumor). Sartaj's glioma folder is known to be partly mislabeled."
+        )
+        recipe = (
+            f"Residual CNN with squeeze-excitation (widths {args.get('widths')}, blocks {args.get('depths')}), "
+            f"dropout {args.get('dropout')}, softmax output. Balanced class weights, label smoothing "
+            f"{args.get('label_smoothing')}; selection metric: validation balanced accuracy. " + common_recipe
+        )
+    else:
+        data = (
+            "Tumor-positive slices from `br35h-polygons/train`, `ruslan-kl-polygons/train` and `/val` (VIA polygon, "
+            "circle and ellipse regions rasterized to one binary mask), plus tumor-free `sartaj-classification/"
+            "Training/no_tumor` slices as negatives; every near-duplicate of an evaluation image dropped. Reported on "
+            "`br35h-polygons/val` and `ruslan-kl-polygons/test` (full and duplicate-free) with Dice and IoU on the "
+            "original pixel grid (mask probability ≥ 0.5), and as the share of `sartaj-classification/Testing/no_tumor` "
+            "slices with an empty predicted mask. Note: many Br35H ellipse annotations outline the tumor core only."
+        )
+        recipe = (
+            f"U-Net ({args.get('levels')} levels, base {args.get('base_filters')} filters, BN + swish, bilinear "
+            "up-sampling), sigmoid mask output. Loss: BCE + batch soft Dice; selection metric: mean of validation "
+            "Dice (tumor slices) and empty-mask rate (tumor-free slices). " + common_recipe
+        )
+    export = (
+        f"tf2onnx {_version('tf2onnx')} (opset {OPSET}), dynamic batch, max_batch_size {MAX_BATCH_SIZE}, "
+        f"{result.onnx_bytes / 2**20:.2f} MB. Parity ONNX Runtime vs Keras on {result.parity_images} real slices: "
+        f"max |diff| {result.parity_max_abs_diff:.2e} (limit {PARITY_TOLERANCE:g})."
+        + (" A TF SavedModel with the same signature sits in `1/model.savedmodel/`." if savedmodel else "")
+    )
+    limitations = (
+        "Research use only; not validated clinically. Trained on small public 2-D JPEG slice collections of "
+        "unknown acquisition protocols; performance on other scanners, sequences or DICOM series is unknown. "
+        "The full `Testing/` figures are inflated by near-duplicates of training images; the duplicate-free "
+        "figures are the better guide."
+    )
+    return {"Intended use": "Research and engineering of the brainscan service only.", "Data": data,
+            "Training recipe": recipe, "Where it was trained": where, "Export": export, "Limitations": limitations}
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# --- CLI -------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Export a trained Keras model to the Triton model repository (ONNX).")
+    parser.add_argument("model", choices=("classifier", "unet"), help="which model to export")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="Keras checkpoint (default: runs/<model>/best.keras)")
+    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository", help="model repository to write into")
+    parser.add_argument("--data", type=Path, default=default_data_root(), help="datasets root, for parity slices and the card's metrics")
+    parser.add_argument("--savedmodel", action="store_true", help="also write 1/model.savedmodel/")
+    parser.add_argument("--skip-evaluate", action="store_true", help="write the card without recomputing metrics")
+    parser.add_argument("--threads", type=int, default=1, help="TensorFlow / ONNX Runtime threads")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    from export.train_common import setup_tensorflow
+
+    setup_tensorflow(args.threads, seed=0)
+    import keras
+
+    from export.repository import write_model_card
+
+    run_dir = REPO_ROOT / "runs" / args.model
+    checkpoint = args.checkpoint or run_dir / "best.keras"
+    if not checkpoint.is_file():
+        print(f"checkpoint {checkpoint} not found; run `brainscan train {args.model}` first or pass --checkpoint")
+        return 2
+    data_root = Path(args.data) if Path(args.data).is_dir() else None
+    started = time.time()
+    keras_model = keras.models.load_model(checkpoint, compile=False)
+    try:
+        result = export_model(keras_model, args.repository, args.model, data_root=data_root, savedmodel=args.savedmodel)
+    except ExportError as exc:
+        print(f"export failed: {exc}")
+        return 1
+    print(f"wrote {result.onnx_path} ({result.onnx_bytes / 2**20:.2f} MB); parity max |diff| "
+          f"{result.parity_max_abs_diff:.2e} on {result.parity_images} real slices")
+    metrics: dict[str, object] = {"note": "not computed (--skip-evaluate or datasets absent)"}
+    if data_root is not None and not args.skip_evaluate:
+        from export.evaluate_keras import evaluate
+
+        metrics = evaluate(args.model, data_root=data_root, repository=args.repository, threads=args.threads)
+    record = training_record(checkpoint.parent)
+    record_summary = f"Brain-MRI {'4-class tumor classifier' if args.model == 'classifier' else 'binary tumor-mask U-Net'} " \
+                     f"exported from `{checkpoint.relative_to(REPO_ROOT) if checkpoint.is_relative_to(REPO_ROOT) else checkpoint}`."
+    card = write_model_card(args.repository, args.model, summary=record_summary,
+                            sections=card_sections(args.model, record, result, args.savedmodel), metrics=metrics)
+    print(f"wrote {args.repository / args.model / 'config.pbtxt'} and {card} in {time.time() - started:.0f} s")
+    print(json.dumps(metrics.get("targets", {}), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))
