@@ -19,7 +19,7 @@ Why this shape:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
@@ -61,7 +61,6 @@ class MaskRCNNConfig:
     rpn_post_nms_top_n_test: int = 200
     image_mean: float = 0.25  # rough mean/std of prepared slices (mostly dark background)
     image_std: float = 0.25
-    extra: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,9 +3,10 @@
     infer ─submit()─▶ queue ─▶ collector ─▶ run(batch) in the executor ─▶ split rows ─▶ each caller
 
 - A batch closes at `max_batch` rows, or `max_delay_s` after its first request
-  arrived. The collector only waits for company when requests have lately been
-  arriving faster than that delay (a moving average of the gaps between them),
-  so a lone request runs at once: concurrency 1 pays no batching delay.
+  arrived. The collector only waits for company when requests lately overlapped
+  (most arrived while another was still in flight) and arrived faster than that
+  delay (moving averages of both), so a lone caller's request runs at once:
+  concurrency 1 pays no batching delay.
 - At most `max_concurrent` batches of a model run at a time. Requests that
   arrive meanwhile queue up and leave together in the next batch, so under
   load batches form even without waiting.
@@ -20,6 +21,7 @@ the bench (through the KServe statistics endpoint) and by metrics listeners.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import Counter, deque
@@ -31,11 +33,13 @@ import numpy as np
 
 from gateway.errors import BackendUnavailable
 
+log = logging.getLogger(__name__)
+
 # (model, batch size, seconds the batch ran) → None; called on the event loop, must not block
 BatchListener = Callable[[str, int, float], None]
 RunBatch = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
-_GAP_SMOOTHING = 0.2  # weight of the newest inter-arrival gap in the moving average
+_SMOOTHING = 0.2  # weight of the newest arrival in the moving averages
 
 
 @dataclass
@@ -55,7 +59,10 @@ class BatchStats:
         self.run_ns += int(run_s * 1e9)
         self.queue_ns += int(queue_s * 1e9)
         for listener in self.listeners:
-            listener(self.model, size, run_s)
+            try:
+                listener(self.model, size, run_s)
+            except Exception:  # a metrics hook must never fail a batch
+                log.exception("batch listener failed")
 
     @property
     def batches(self) -> int:
@@ -98,6 +105,8 @@ class MicroBatcher:
         self._collector: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._mean_gap_s = math.inf
+        self._overlap = 0.0  # moving average of "arrived while another request was in flight"
+        self._in_flight = 0
         self._last_arrival: float | None = None
         self._closed = False
 
@@ -108,6 +117,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         if self._collector is None:
             self._collector = loop.create_task(self._collect())
+            self._collector.add_done_callback(self._collector_done)
         now = loop.time()
         self._note_arrival(now)
         first = next(iter(inputs.values()))
@@ -115,7 +125,11 @@ class MicroBatcher:
         pending = _Pending(inputs, int(first.shape[0]), signature, loop.create_future(), now)
         self._queue.append(pending)
         self._arrived.set()
-        return await pending.future
+        self._in_flight += 1
+        try:
+            return await pending.future
+        finally:
+            self._in_flight -= 1
 
     async def close(self) -> None:
         self._closed = True
@@ -128,17 +142,26 @@ class MicroBatcher:
 
     # --- internals ---------------------------------------------------------
 
+    def _collector_done(self, task: asyncio.Task) -> None:
+        """Never leave callers hanging: if the collector dies, fail what is queued; the next submit restarts it."""
+        self._collector = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batch collector failed", exc_info=task.exception())
+            _fail(list(self._queue), BackendUnavailable("the batching queue failed; retry"))
+            self._queue.clear()
+
     def _note_arrival(self, now: float) -> None:
         if self._last_arrival is not None:
             gap = now - self._last_arrival
             if math.isinf(self._mean_gap_s):
                 self._mean_gap_s = gap
             else:
-                self._mean_gap_s += _GAP_SMOOTHING * (gap - self._mean_gap_s)
+                self._mean_gap_s += _SMOOTHING * (gap - self._mean_gap_s)
         self._last_arrival = now
+        self._overlap += _SMOOTHING * ((1.0 if self._in_flight else 0.0) - self._overlap)
 
     def _expect_company(self) -> bool:
-        return self.max_delay_s > 0 and self._mean_gap_s < self.max_delay_s
+        return self.max_delay_s > 0 and self._overlap >= 0.5 and self._mean_gap_s < self.max_delay_s
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()

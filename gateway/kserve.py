@@ -166,7 +166,7 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         else:
             await self._slots.acquire()
         try:
-            analysis, _ = await self.pipeline.analyze(image, options, timeout_s=timeout_s)
+            analysis = await self.pipeline.analyze(image, options, timeout_s=timeout_s)
         finally:
             self._slots.release()
         return analysis
@@ -266,7 +266,11 @@ def deserialize_bytes(raw: bytes) -> list[bytes]:
         (length,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + length > len(raw):
-            raise InvalidImage(f"raw BYTES input is truncated: element of {length} bytes, {len(raw) - offset} left")
+            raise InvalidImage(
+                f"raw BYTES input is malformed: element of {length} bytes, {len(raw) - offset} left. Each element "
+                "needs a 4-byte little-endian length prefix (with perf_analyzer, put it inside the b64 data; "
+                "`python -m bench.perf_input` writes such a file)"
+            )
         elements.append(raw[offset : offset + length])
         offset += length
     return elements
@@ -285,9 +289,11 @@ def _model_statistics(name: str, version: str, stats: BatchStats) -> kpb.ModelSt
     result.inference_stats.success.ns = stats.run_ns + stats.queue_ns
     result.inference_stats.queue.count = stats.requests
     result.inference_stats.queue.ns = stats.queue_ns
-    result.inference_stats.compute_infer.count = stats.requests
+    for stage in ("compute_input", "compute_infer", "compute_output"):  # perf_analyzer wants equal counts
+        getattr(result.inference_stats, stage).count = stats.requests
     result.inference_stats.compute_infer.ns = stats.run_ns
     for size, count in stats.histogram().items():
         entry = result.batch_stats.add(batch_size=size)
-        entry.compute_infer.count = count
+        for stage in (entry.compute_input, entry.compute_infer, entry.compute_output):
+            stage.count = count
     return result

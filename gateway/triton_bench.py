@@ -18,6 +18,7 @@ import csv
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,8 +98,10 @@ def perf_analyzer_binary() -> Path:
 
 def perf_analyzer_env() -> dict[str, str]:
     """perf_analyzer links libcudart.so.12 even on a CPU host: nvidia-cuda-runtime-cu12 provides it."""
-    import nvidia.cuda_runtime  # noqa: PLC0415 (optional dependency, only needed here)
-
+    try:
+        import nvidia.cuda_runtime
+    except ImportError:
+        raise BenchError("perf_analyzer needs libcudart.so.12: pip install nvidia-cuda-runtime-cu12") from None
     lib = Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib"
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [str(lib), env.get("LD_LIBRARY_PATH", "")] if p)
@@ -129,12 +132,14 @@ def run_perf_analyzer(
     log_lines = log_path.read_text(errors="replace").splitlines()
     if not csv_path.exists() or not read_rows(spec.name, csv_path):
         tail = "\n".join(log_lines[-20:])
-        raise BenchError(f"perf_analyzer failed for model {spec.name!r} (exit {result.returncode}):\n{tail}")
-    if result.returncode != 0:
-        # e.g. no stable measurement at a high concurrency: keep the levels that were measured
-        reason = next((line for line in log_lines if "Failed" in line or "error" in line.lower()), log_lines[-1])
-        return csv_path, f"{spec.name}: perf_analyzer stopped early (exit {result.returncode}): {reason.strip()}"
-    return csv_path, ""
+        hint = "\nhint: apt-get install -y libb64-0d" if "libb64" in tail else ""
+        raise BenchError(f"perf_analyzer failed for model {spec.name!r} (exit {result.returncode}):\n{tail}{hint}")
+    # perf_analyzer drops a concurrency level it cannot measure stably, sometimes still exiting 0
+    unstable = sorted({int(m) for m in re.findall(r"stable measurement .* for concurrency (\d+)", "\n".join(log_lines))})
+    problems = [f"no stable measurement at concurrency {unstable} (raise --measurement-interval-ms)"] if unstable else []
+    if result.returncode != 0 and not unstable:
+        problems.append(f"perf_analyzer exited {result.returncode}: {log_lines[-1].strip() if log_lines else ''}")
+    return csv_path, f"{spec.name}: {'; '.join(problems)}" if problems else ""
 
 
 def read_rows(model: str, csv_path: Path) -> list[BenchRow]:
@@ -147,7 +152,7 @@ def read_rows(model: str, csv_path: Path) -> list[BenchRow]:
                 throughput_per_s=float(row["Inferences/Second"]),
                 **{f"p{q}_ms": float(row[f"p{q} latency"]) / 1000 for q in (50, 90, 95, 99)},
             )
-            for row in csv.DictReader(handle)
+            for row in sorted(csv.DictReader(handle), key=lambda r: int(r["Concurrency"]))
         ]
 
 
@@ -182,9 +187,16 @@ def run(args: argparse.Namespace, url: str, specs: dict[str, ModelSpec]) -> str:
         spec = specs[name]
         data = write_input_data(spec, images, out / f"{name}-input.json")
         print(f"perf_analyzer: {name} at {url}, concurrency {args.concurrency_range}, {len(images)} slices", flush=True)
-        csv_path, warning = run_perf_analyzer(spec, url, data, out, args)
+        try:
+            csv_path, warning = run_perf_analyzer(spec, url, data, out, args)
+        except BenchError as exc:  # one model's failure should not hide the others' numbers
+            print(exc, file=sys.stderr)
+            warnings.append(f"{name}: no result; see {out / (name + '.log')}")
+            continue
         rows += read_rows(name, csv_path)
         warnings += [warning] if warning else []
+    if not rows:
+        raise BenchError(f"perf_analyzer measured nothing; logs in {out}")
     header = (
         f"perf_analyzer on Triton at {url}; batch size {args.batch_size}; {len(images)} real preprocessed slices; "
         f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
@@ -228,7 +240,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from gateway.triton_local import LocalTriton, TritonStartupError
+    from gateway.triton_local import LocalTriton  # only needed without --url
 
     try:
         specs = load_repository(args.model_repository)
@@ -240,7 +252,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             with LocalTriton(args.model_repository, models=sorted(set(args.models))) as triton:
                 summary = run(args, triton.grpc_url, specs)
-    except (BrainscanError, TritonStartupError) as exc:
+    except BrainscanError as exc:  # contract, start-up and perf_analyzer failures name their cause
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
     print(summary)

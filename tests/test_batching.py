@@ -1,0 +1,169 @@
+"""Micro-batching on real ONNX Runtime sessions, in-process and through a real gateway,
+and a smoke run of the pipeline bench (`python -m bench.pipeline --quick`).
+
+No mocks: the tiny repository's sessions run every batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.processes import batch_histograms
+from brainscan.v1 import brainscan_pb2 as pb
+from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+from gateway.backends.embedded import EmbeddedBackend
+from tests.conftest import PROJECT_ROOT, png_bytes, start_gateway, stop_gateway, synthetic_slice
+
+
+def _inputs(size: int, count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.random((1, size, size, 1), dtype=np.float32) for _ in range(count)]
+
+
+def _run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows(tiny_repository: Path) -> None:
+    async def scenario() -> None:
+        backend = EmbeddedBackend(tiny_repository, threads=2, batch_max_size=8, batch_max_delay_ms=20)
+        await backend.start()
+        try:
+            for model, output in (("classifier", "probabilities"), ("unet", "mask")):
+                size = backend.specs[model].input_size
+                inputs = _inputs(size, 24, seed=len(model))
+                alone = [backend.run_session(model, {"image": x})[output] for x in inputs]
+                together = await asyncio.gather(*(backend.infer(model, {"image": x}) for x in inputs))
+                for mine, reference in zip(together, alone):
+                    assert mine[output].shape == reference.shape
+                    np.testing.assert_allclose(mine[output], reference, rtol=1e-5, atol=1e-6)
+                histogram = backend.batch_stats()[model]
+                assert max(histogram) > 1, histogram
+                assert max(histogram) <= 8, histogram
+                assert sum(size * count for size, count in histogram.items()) == 24
+        finally:
+            await backend.close()
+
+    _run(scenario())
+
+
+def test_a_lone_caller_never_waits_for_company(tiny_repository: Path) -> None:
+    async def scenario() -> None:
+        # a 2 s delay would show in every call if the batcher waited for a batch to fill
+        backend = EmbeddedBackend(tiny_repository, threads=2, batch_max_size=8, batch_max_delay_ms=2000)
+        await backend.start()
+        try:
+            for x in _inputs(backend.specs["classifier"].input_size, 5):
+                started = time.perf_counter()
+                await backend.infer("classifier", {"image": x})
+                assert time.perf_counter() - started < 1.5
+            assert backend.batch_stats()["classifier"] == {1: 5}
+        finally:
+            await backend.close()
+
+    _run(scenario())
+
+
+def test_batching_off_runs_each_request_alone(tiny_repository: Path) -> None:
+    async def scenario() -> None:
+        backend = EmbeddedBackend(tiny_repository, threads=2, batch_max_size=8, batch_max_delay_ms=0)
+        await backend.start()
+        try:
+            inputs = _inputs(backend.specs["classifier"].input_size, 6)
+            await asyncio.gather(*(backend.infer("classifier", {"image": x}) for x in inputs))
+            assert backend.batch_stats()["classifier"] == {1: 6}
+        finally:
+            await backend.close()
+
+    _run(scenario())
+
+
+def test_a_caller_that_gives_up_does_not_break_the_batch(tiny_repository: Path) -> None:
+    async def scenario() -> None:
+        backend = EmbeddedBackend(tiny_repository, threads=2, batch_max_size=8, batch_max_delay_ms=50)
+        await backend.start()
+        try:
+            inputs = _inputs(backend.specs["classifier"].input_size, 8)
+            calls = [asyncio.ensure_future(backend.infer("classifier", {"image": x})) for x in inputs]
+            calls[3].cancel()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert isinstance(results[3], asyncio.CancelledError)
+            for index, (x, result) in enumerate(zip(inputs, results)):
+                if index != 3:
+                    reference = backend.run_session("classifier", {"image": x})["probabilities"]
+                    np.testing.assert_allclose(result["probabilities"], reference, rtol=1e-5, atol=1e-6)
+        finally:
+            await backend.close()
+
+    _run(scenario())
+
+
+def test_gateway_batches_concurrent_analyze_calls(tiny_repository: Path, tmp_path: Path) -> None:
+    """Two real gateways, batching on and off: the same answers, and batches > 1 only with it on."""
+    images = [png_bytes(synthetic_slice(200 + 4 * i, seed=i)) for i in range(16)]
+    answers: dict[str, list[pb.AnalyzeResponse]] = {}
+    histograms = {}
+    for mode, delay in (("on", "50"), ("off", "0")):
+        gateway = start_gateway(tiny_repository, tmp_path, env={"BRAINSCAN_BATCH_MAX_DELAY_MS": delay})
+        try:
+            answers[mode] = _analyze_concurrently(gateway.address, images)
+            histograms[mode] = batch_histograms(gateway.address)
+        finally:
+            stop_gateway(gateway)
+    assert max(histograms["on"]["classifier"]) > 1, histograms
+    assert set(histograms["off"]["classifier"]) == {1}, histograms
+    for with_batching, without in zip(answers["on"], answers["off"]):
+        assert with_batching.image_id == without.image_id
+        assert with_batching.label == without.label
+        for label, p in without.probabilities.items():
+            assert with_batching.probabilities[label] == pytest.approx(p, abs=1e-5)
+        assert with_batching.segmentation.mask.png == without.segmentation.mask.png
+
+
+def _analyze_concurrently(address: str, images: list[bytes]) -> list[pb.AnalyzeResponse]:
+    import grpc
+
+    async def run() -> list[pb.AnalyzeResponse]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.BrainScanStub(channel)
+            requests = [
+                pb.AnalyzeRequest(encoded=data, image_id=str(i), options=pb.AnalyzeOptions(ungated=True))
+                for i, data in enumerate(images)
+            ]
+            return list(await asyncio.gather(*(stub.Analyze(r, timeout=120) for r in requests)))
+
+    return asyncio.run(run())
+
+
+def test_bench_quick_smoke(tiny_repository: Path, tmp_path: Path) -> None:
+    """`python -m bench.pipeline --quick` on the floor and the embedded gateway writes comparable JSON."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"slice-{i}.png").write_bytes(png_bytes(synthetic_slice(224, seed=i)))
+    out = tmp_path / "results"
+    command = [
+        sys.executable, "-m", "bench.pipeline", "--quick", "--systems", "floor,embedded",
+        "--model-repository", str(tiny_repository), "--images", str(images), "--out", str(out),
+    ]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| gateway, embedded ORT | 4 |" in result.stdout
+    [written] = list(out.glob("*.json"))
+    data = json.loads(written.read_text())
+    assert data["floor"]["models"]["completed"] > 0
+    points = data["systems"]["embedded"]
+    assert [p["concurrency"] for p in points] == [1, 4]
+    for point in points:
+        assert point["completed"] > 0 and point["errors"] == 0, point
+        assert "x_floor" in point and "added_p50_ms" in point
+        assert set(point["batch_sizes"]) >= {"classifier", "unet", "maskrcnn"}
+    assert set(data["targets"]) >= {"embedded.added_p50_ms_c1", "embedded.throughput_vs_floor_c16"}

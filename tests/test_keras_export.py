@@ -1,0 +1,115 @@
+"""Keras → ONNX export: contract names, dynamic batch, parity, config validity, a training smoke run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.datasets import CLASS_LABELS, default_data_root
+
+DATA_ROOT = default_data_root()
+needs_data = pytest.mark.skipif(
+    not (DATA_ROOT / "sartaj-classification").is_dir(),
+    reason=f"shared datasets not found at {DATA_ROOT} (set BRAINSCAN_DATA to run these)",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.export_keras import write_tiny
+
+    repository = tmp_path_factory.mktemp("repo")
+    for model in ("classifier", "unet"):
+        write_tiny(repository, model)
+    return repository
+
+
+@pytest.mark.parametrize("model", ["classifier", "unet"])
+def test_config_is_a_valid_contract(tiny_repository: Path, model: str) -> None:
+    from gateway.contract import load_model_spec, validate_role
+
+    spec = load_model_spec(tiny_repository / model)
+    validate_role(spec, model)
+    assert spec.max_batch_size > 0
+    assert spec.input("image").dims == (64, 64, 1)
+    assert spec.onnx_path.is_file() and spec.onnx_path.stat().st_size < 20 * 2**20
+    if model == "classifier":
+        assert spec.labels == CLASS_LABELS
+        assert spec.output("probabilities").dims == (4,)
+    else:
+        assert spec.output("mask").dims == (64, 64, 1)
+    assert "Research use only" in (tiny_repository / model / "MODEL_CARD.md").read_text()
+
+
+@pytest.mark.parametrize(("model", "output"), [("classifier", "probabilities"), ("unet", "mask")])
+def test_onnx_names_and_dynamic_batch(tiny_repository: Path, model: str, output: str) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tiny_repository / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == [output]
+    assert isinstance(session.get_inputs()[0].shape[0], str)  # symbolic batch dimension
+    rng = np.random.default_rng(3)
+    for batch in (1, 3):
+        result = session.run(None, {"image": rng.random((batch, 64, 64, 1), dtype=np.float32)})[0]
+        assert result.shape[0] == batch and result.dtype == np.float32
+        if model == "classifier":
+            np.testing.assert_allclose(result.sum(axis=1), 1.0, atol=1e-5)
+        else:
+            assert result.shape[1:] == (64, 64, 1) and 0.0 <= result.min() and result.max() <= 1.0
+
+
+def test_parity_check_catches_a_mismatched_graph(tiny_repository: Path) -> None:
+    from export.export_keras import ExportError, check_parity
+    from export.keras_models import build_classifier
+
+    other = build_classifier(64, widths=(8, 8, 16, 16), depths=(1, 1, 1, 1))  # fresh random weights
+    inputs = np.random.default_rng(0).random((2, 64, 64, 1), dtype=np.float32)
+    with pytest.raises(ExportError, match="differs from Keras"):
+        check_parity(other, tiny_repository / "classifier" / "1" / "model.onnx", "classifier", inputs)
+
+
+def _args(module, argv: list[str]) -> argparse.Namespace:
+    return module.get_args_parser().parse_args(argv)
+
+
+@pytest.mark.slow
+@needs_data
+def test_training_smoke_then_export_with_parity(tmp_path: Path) -> None:
+    """A handful of real images through the real training command, then the real export path."""
+    import keras
+
+    from export import train_classifier, train_unet
+    from export.export_keras import export_model
+    from gateway.contract import load_model_spec
+
+    common = ["--data", str(DATA_ROOT), "--limit", "24", "--epochs", "1", "--size", "32", "--batch-size", "8"]
+    assert train_classifier.main(_args(train_classifier, common + ["--widths", "8,8,8,8", "--depths", "1,1,1,1", "--out", str(tmp_path / "clf")])) == 0
+    assert train_unet.main(_args(train_unet, common + ["--base-filters", "4", "--levels", "2", "--out", str(tmp_path / "unet")])) == 0
+    for model, run in (("classifier", "clf"), ("unet", "unet")):
+        run_dir = tmp_path / run
+        assert {"args.json", "log.csv", "best.keras", "summary.json"} <= {p.name for p in run_dir.iterdir()}
+        keras_model = keras.models.load_model(run_dir / "best.keras", compile=False)
+        result = export_model(keras_model, tmp_path / "repo", model, data_root=DATA_ROOT)
+        assert result.parity_max_abs_diff <= 1e-4
+        assert load_model_spec(tmp_path / "repo" / model).input_size == 32
+
+
+def test_metric_helpers() -> None:
+    from export.evaluate_keras import classification_metrics
+    from export.train_unet import dice_scores
+
+    truth = np.array([0, 1, 2, 3, 0])
+    probs = np.eye(4)[[0, 1, 2, 0, 1]]
+    metrics = classification_metrics(truth, probs)
+    assert metrics["accuracy"] == 0.6
+    assert metrics["recall"]["glioma"] == 0.5 and metrics["recall"]["pituitary"] == 0.0
+    assert metrics["tumor_vs_no_tumor_accuracy"] == 1.0
+    pred = np.zeros((2, 4, 4), bool)
+    pred[0, :2] = True
+    truth_masks = np.zeros((2, 4, 4), bool)
+    truth_masks[0, :1] = True
+    np.testing.assert_allclose(dice_scores(pred, truth_masks), [2 * 4 / 12, 1.0])
