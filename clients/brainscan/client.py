@@ -13,8 +13,10 @@ import os
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import grpc.aio
 
 from brainscan.errors import from_rpc_error
 from brainscan.inputs import ImageLike, build_request
@@ -43,11 +45,22 @@ class ServerInfo:
     disclaimer: str
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
+def _open_channel(
+    module: Any,  # grpc or grpc.aio: both have insecure_channel / secure_channel
+    target: str,
+    max_message_bytes: int,
+    tls_ca: str | os.PathLike | None,
+    tls_cert: str | os.PathLike | None,
+    tls_key: str | os.PathLike | None,
+) -> Any:
+    options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    credentials = _credentials(tls_ca, tls_cert, tls_key)
+    if credentials is None:
+        return module.insecure_channel(target, options=options)
+    return module.secure_channel(target, credentials, options=options)
 
 
 def _credentials(
@@ -95,12 +108,7 @@ class Client:
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        options = _channel_options(max_message_bytes)
-        credentials = _credentials(tls_ca, tls_cert, tls_key)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._channel = _open_channel(grpc, target, max_message_bytes, tls_ca, tls_cert, tls_key)
         self._metadata = _metadata(token)
         self._stub = pb_grpc.BrainScanStub(self._channel)
 
@@ -173,12 +181,7 @@ class AsyncClient:
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        options = _channel_options(max_message_bytes)
-        credentials = _credentials(tls_ca, tls_cert, tls_key)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._channel = _open_channel(grpc.aio, target, max_message_bytes, tls_ca, tls_cert, tls_key)
         self._metadata = _metadata(token)
         self._stub = pb_grpc.BrainScanStub(self._channel)
 
