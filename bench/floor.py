@@ -97,17 +97,20 @@ def timed(step: Callable[[int], None], items: int, *, warmup_s: float, duration_
 
 
 def measure_floor(
-    repository: Path, images: list[bytes], *, threads: int, warmup_s: float, duration_s: float
+    repository: Path, images: list[bytes], *, threads: int, warmup_s: float, duration_s: float,
+    models_only: bool = False,
 ) -> dict[str, dict[str, float]]:
     backend = open_backend(repository, threads)
     try:
         feeds = [model_inputs(backend, data) for data in images]
         config = GatewayConfig()
-        return {
+        results = {
             "models": timed(lambda i: run_models(backend, feeds[i]), len(feeds), warmup_s=warmup_s, duration_s=duration_s),
-            "models+pre/post": timed(
-                lambda i: run_inprocess(backend, images[i], config), len(images), warmup_s=warmup_s, duration_s=duration_s
-            ),
         }
+        if not models_only:
+            results["models+pre/post"] = timed(
+                lambda i: run_inprocess(backend, images[i], config), len(images), warmup_s=warmup_s, duration_s=duration_s
+            )
+        return results
     finally:
         asyncio.run(backend.close())

@@ -182,6 +182,8 @@ class NaiveModels:
         self.sizes = {role: spec.input_size for role, spec in specs.items()}
         self.classifier, classifier_source = load_keras("classifier", self.sizes["classifier"], runs)
         self.unet, unet_source = load_keras("unet", self.sizes["unet"], runs)
+        for role, model in (("classifier", self.classifier), ("unet", self.unet)):
+            self.sizes[role] = int(model.input_shape[1])  # a checkpoint's own size wins
         self.maskrcnn = MaskRCNNClient(repository, runs)
         self.sizes["maskrcnn"] = int(self.maskrcnn.info["input_size"])  # a checkpoint's own size wins
         self.info = {

@@ -100,26 +100,35 @@ def main(args: argparse.Namespace) -> int:
     results["gateway_env"] = env
     with tempfile.TemporaryDirectory(prefix="brainscan-bench-") as folder:
         workdir = Path(folder)
-        if "floor" in systems:
-            step("floor: ONNX Runtime sessions called directly")
-            results["floor"] = measure_floor(
-                repository, images, threads=threads, warmup_s=args.warmup, duration_s=args.duration
-            )
         gateway_points = _ints(args.concurrency)
-        if "embedded" in systems:
-            with processes.gateway(repository, workdir, env=env) as address:
-                results["systems"]["embedded"] = sweep(
-                    "gateway (embedded)", address, images, gateway_points, args, stats_address=address
-                )
-        if "triton" in systems:
-            results["systems"]["triton"] = run_triton(repository, workdir, images, gateway_points, args, env)
-        if "naive" in systems:
-            with processes.naive_server(repository, args.runs, workdir) as (host, port):
-                results["naive_weights"] = json.loads(processes.http_get(f"http://{host}:{port}/info"))
-                results["systems"]["naive"] = sweep_naive(host, port, images, _ints(args.naive_concurrency), args)
-            if "random" in json.dumps(results["naive_weights"]):
-                results["models_note"] += "; naive baseline with random weights of the same architectures"
+        runners: dict[str, Callable[[], Any]] = {
+            "floor": lambda: measure_floor(
+                repository, images, threads=threads, warmup_s=args.warmup, duration_s=args.duration
+            ),
+            "embedded": lambda: run_embedded(repository, workdir, images, gateway_points, args, env),
+            "triton": lambda: run_triton(repository, workdir, images, gateway_points, args, env),
+            "naive": lambda: run_naive(repository, workdir, images, args, results),
+        }
+        for system in systems:
+            step(f"{system}: starting")
+            try:
+                value = runners[system]()
+            except Exception as error:  # one system failing must not lose the others' numbers
+                step(f"{system} FAILED: {error}")
+                results.setdefault("failures", {})[system] = f"{type(error).__name__}: {error}"
+                continue
+            if system == "floor":
+                results["floor"] = value
+            else:
+                results["systems"][system] = value
+        if "floor" in systems and len(systems) > 1 and "floor" not in results.get("failures", {}):
+            step("floor again: did the machine stay quiet?")
+            results["floor_end"] = measure_floor(
+                repository, images, threads=threads, warmup_s=args.warmup, duration_s=args.duration / 2,
+                models_only=True,
+            )["models"]
     report.add_ratios(results)
+    results["floor_drift"] = report.floor_drift(results)
     results["targets"] = report.check_targets(results)
     table = report.markdown(results)
     print(table)
@@ -129,7 +138,7 @@ def main(args: argparse.Namespace) -> int:
     (args.out / f"{stem}.md").write_text(table + "\n")
     print(f"\nwrote {args.out / stem}.json and .md")
     unmet = [name for name, check in results["targets"].items() if check["met"] is False]
-    return 1 if args.check and unmet else 0
+    return 1 if results.get("failures") or (args.check and unmet) else 0
 
 
 def gateway_env(args: argparse.Namespace, threads: int) -> dict[str, str]:
@@ -139,6 +148,21 @@ def gateway_env(args: argparse.Namespace, threads: int) -> dict[str, str]:
     if args.batch_max_delay_ms is not None:
         env["BRAINSCAN_BATCH_MAX_DELAY_MS"] = str(args.batch_max_delay_ms)
     return env
+
+
+def run_embedded(repository: Path, workdir: Path, images: list[bytes], points: list[int],
+                 args: argparse.Namespace, env: dict[str, str]) -> list[dict[str, Any]]:
+    with processes.gateway(repository, workdir, env=env) as address:
+        return sweep("gateway (embedded)", address, images, points, args, stats_address=address)
+
+
+def run_naive(repository: Path, workdir: Path, images: list[bytes], args: argparse.Namespace,
+              results: dict[str, Any]) -> list[dict[str, Any]]:
+    with processes.naive_server(repository, args.runs, workdir) as (host, port):
+        results["naive_weights"] = json.loads(processes.http_get(f"http://{host}:{port}/info"))
+        if "random" in json.dumps(results["naive_weights"]):
+            results["models_note"] += "; naive baseline with random weights of the same architectures"
+        return sweep_naive(host, port, images, _ints(args.naive_concurrency), args)
 
 
 def run_triton(repository: Path, workdir: Path, images: list[bytes], points: list[int],

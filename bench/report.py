@@ -9,12 +9,21 @@ TARGETS = {
     "added_p50_ms_c1": 5.0,  # gateway p50 − floor p50 at concurrency 1 ≤ 5 ms
     "vs_naive_c16": 5.0,  # gateway images/s at concurrency 16 ≥ 5 × naive
 }
+DRIFT_WARNING = 0.10  # floor throughput change between start and end of a run that flags contention
 SHORT = {"classifier": "cls", "unet": "unet", "maskrcnn": "mrcnn"}
 
 
 def mean_batch(histogram: dict[int, int]) -> float | None:
     batches = sum(histogram.values())
     return sum(size * count for size, count in histogram.items()) / batches if batches else None
+
+
+def floor_drift(results: dict[str, Any]) -> float | None:
+    """Relative change of the ORT-only floor's images/s from the run's start to its end."""
+    start, end = results["floor"].get("models"), results.get("floor_end")
+    if not start or not end:
+        return None
+    return end["throughput_per_s"] / start["throughput_per_s"] - 1.0
 
 
 def add_ratios(results: dict[str, Any]) -> None:
@@ -97,6 +106,15 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_fmt(p.get('added_p50_ms'))} | {_fmt(p.get('added_p99_ms'))} | {_fmt(p.get('x_naive'), 1)} | "
                 f"{_batches(p)} |"
             )
+    for system, error in results.get("failures", {}).items():
+        lines.append(f"| {system}: FAILED ({error.splitlines()[0][:120]}) | | | | | | | | | |")
+    drift = floor_drift(results)
+    if drift is not None and abs(drift) > DRIFT_WARNING:
+        lines += ["", f"WARNING: the floor moved {drift:+.0%} between the start and the end of the run: the machine "
+                  "was not quiet (other load), so these numbers are contended; rerun on an idle machine."]
+    if machine["loadavg_start"] > 0.5 * machine["cores"]:
+        lines += ["", f"WARNING: load average {machine['loadavg_start']} on {machine['cores']} cores before the run "
+                  "started: other work shared the CPUs, so these numbers are contended; rerun on an idle machine."]
     lines += ["", "Targets (CPU): " + "; ".join(
         f"{name} = {_fmt(check['value'], 2)} (target {check['target']}) "
         f"{'met' if check['met'] else 'n/a' if check['met'] is None else 'NOT met'}"

@@ -141,11 +141,14 @@ def evaluate_unet(model: OnnxModel, data_root: Path, duplicate_free: dict[str, s
             "duplicate_free": segmentation_metrics(np.array(dice)[keep_arr], np.array(iou)[keep_arr]),
         }
     negatives = [p for p, label in load_classification_split(data_root, "Testing") if label == "no_tumor"]
-    probs = model.predict(
-        tqdm((_tensor(p, model.size) for p in negatives), total=len(negatives), desc="unet Testing/no_tumor", unit="img"),
-        batch_size,
-    )
-    empty = ~(probs >= MASK_THRESHOLD).reshape(len(negatives), -1).any(axis=1)
+    empty_list = []
+    for path in tqdm(negatives, desc="unet Testing/no_tumor", unit="img"):
+        gray = load_image_file(str(path)).pixels
+        prepared = prepare(gray, model.size)
+        prob = model.run(prepared.tensor[None, ..., None])[0, ..., 0]
+        # Same rule as the gateway (postprocessing.segmentation_from_unet): empty when no original pixel passes.
+        empty_list.append(not (mask_to_original(prob, prepared) >= MASK_THRESHOLD).any())
+    empty = np.array(empty_list)
     keep_neg = np.array([_relative(p, data_root) in duplicate_free[CLASSIFIER_SPLIT] for p in negatives])
 
     def empty_stats(mask: np.ndarray) -> dict[str, object]:

@@ -231,7 +231,9 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
         "On-batch augmentation: horizontal flip, rotation ±15°, scale 0.85-1.15, shift ±8%, gamma 0.7-1.5, "
         "contrast 0.75-1.3, brightness ±0.08, Gaussian noise. AdamW "
         f"(lr {args.get('lr')}, weight decay {args.get('weight_decay')}), 2-epoch warm-up then cosine decay, "
-        f"batch {args.get('batch_size')}, {args.get('epochs')} epochs, seed {args.get('seed')}. "
+        f"batch {args.get('batch_size')}, up to {args.get('epochs')} epochs within a wall-clock budget of "
+        f"{args.get('time_budget_min')} min (0 = none; the cosine schedule is stretched to the epochs that fit), "
+        f"{summary.get('epochs_run', '?')} epochs run, seed {args.get('seed')}. "
         "Best epoch chosen on the validation split (carved from training data by near-duplicate group; "
         "evaluation splits never used for selection).\n\nTraining summary:\n\n```json\n" + summary_json + "\n```"
     )
@@ -272,8 +274,10 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
     limitations = (
         "Research use only; not validated clinically. Trained on small public 2-D JPEG slice collections of "
         "unknown acquisition protocols; performance on other scanners, sequences or DICOM series is unknown. "
-        "The full `Testing/` figures are inflated by near-duplicates of training images; the duplicate-free "
-        "figures are the better guide."
+        "Training drops every near-duplicate of an evaluation image, so the full evaluation splits are not "
+        "inflated by memorized copies, and the validation split (carved from training data) runs well above "
+        "the evaluation figures: the other collections differ in source and contrast. Compare the full and "
+        "duplicate-free figures below, not the validation ones."
     )
     return {"Intended use": "Research and engineering of the brainscan service only.", "Data": data,
             "Training recipe": recipe, "Where it was trained": where, "Export": export, "Limitations": limitations}

@@ -248,8 +248,8 @@ def _card_sections(config: MaskRCNNConfig, state: dict, facts: dict, args: argpa
         "Training data": (
             "br35h-polygons/train and ruslan-kl-polygons/train (one instance per VIA polygon/circle/ellipse region) plus "
             "sartaj-classification/Training/no_tumor as negatives, all through the gateway's `prepare()`; near-duplicates "
-            "of any evaluation image dropped (export/eval_subsets.json). ruslan-kl-polygons/val used for checkpoint "
-            "selection and the parity check only. Augmentation: left-right flip, ±12° rotation, 0.85-1.15 scale, "
+            "of any evaluation image dropped (export/eval_subsets.json). ruslan-kl-polygons/val used for per-epoch "
+            "monitoring and the parity check only (the final, annealed checkpoint `last.pt` is the one exported). Augmentation: left-right flip, ±12° rotation, 0.85-1.15 scale, "
             "±6% shift, gamma/contrast/brightness jitter, Gaussian noise."
         ),
         "Training run": (
@@ -269,8 +269,9 @@ def _card_sections(config: MaskRCNNConfig, state: dict, facts: dict, args: argpa
             "(on a shared 2-core machine)."
         ),
         "Limitations": (
-            "Trained for about an hour on 2 shared CPU cores: far shorter than a usual Mask R-CNN schedule; see the "
-            "metrics for which targets it misses. Tumor-positive training slices come from two public sets with "
+            "Trained on 2 shared CPU cores for the run above: far shorter than a usual Mask R-CNN schedule. It fires "
+            "on many tumor-free slices (see the no_tumor false-positive rate): in the served pipeline the classifier's "
+            "tumor gate runs first, but on its own this detector is not a tumor/no-tumor decision. Tumor-positive training slices come from two public sets with "
             "heavy internal duplication; the duplicate-free evaluation subsets are the honest numbers."
         ),
     }

@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
         tf.data.Dataset.from_tensor_slices((x_train, y_train, w_train))
         .shuffle(len(x_train), seed=args.seed, reshuffle_each_iteration=True)
         .batch(args.batch_size, drop_remainder=True)
-        .map(lambda x, y, w: (train_common.augment_batch(x), y, w), deterministic=True)
+        .map(lambda x, y, w: (train_common.augment_batch(x), y, w))
         .prefetch(1)
         .with_options(options)
     )

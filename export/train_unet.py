@@ -115,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
         tf.data.Dataset.from_tensor_slices((x_train, y_train))
         .shuffle(len(x_train), seed=args.seed, reshuffle_each_iteration=True)
         .batch(args.batch_size, drop_remainder=True)
-        .map(lambda x, y: train_common.augment_batch(x, y), deterministic=True)
+        .map(lambda x, y: train_common.augment_batch(x, y))
         .prefetch(1)
         .with_options(options)
     )

@@ -175,16 +175,11 @@ class MicroBatcher:
                 self._slots.release()
                 continue
             if self._expect_company():
-                deadline = batch[0].arrived + self.max_delay_s
-                while _rows(batch) < self.max_batch and (remaining := deadline - loop.time()) > 0:
-                    self._arrived.clear()
-                    before = len(batch)
-                    batch = self._take(batch)
-                    if len(batch) == before:  # nothing more fits now: wait for the next arrival
-                        try:
-                            await asyncio.wait_for(self._arrived.wait(), remaining)
-                        except asyncio.TimeoutError:
-                            break
+                try:
+                    batch = await self._fill(batch)
+                except asyncio.CancelledError:
+                    _fail(batch, BackendUnavailable("the embedded backend closed"))
+                    raise
             batch = [p for p in batch if not p.future.done()]  # callers that gave up while we waited
             if not batch:
                 self._slots.release()
@@ -192,6 +187,21 @@ class MicroBatcher:
             task = loop.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    async def _fill(self, batch: list[_Pending]) -> list[_Pending]:
+        """Add arrivals to `batch` until it is full or max_delay_s after its first request."""
+        loop = asyncio.get_running_loop()
+        deadline = batch[0].arrived + self.max_delay_s
+        while _rows(batch) < self.max_batch and (remaining := deadline - loop.time()) > 0:
+            self._arrived.clear()
+            before = len(batch)
+            batch = self._take(batch)
+            if len(batch) == before:  # nothing more fits now: wait for the next arrival
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+        return batch
 
     def _take(self, batch: list[_Pending]) -> list[_Pending]:
         """Move queued requests that fit (same signature, row budget) into `batch`; keep the rest in order."""

@@ -70,20 +70,30 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
 
     # --- health and metadata -----------------------------------------------
 
-    async def ServerLive(self, request, context):
+    async def ServerLive(
+        self, request: kpb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ServerLiveResponse:
         return kpb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    async def ServerReady(
+        self, request: kpb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ServerReadyResponse:
         return kpb.ServerReadyResponse(ready=await self.pipeline.backend.is_ready())
 
-    async def ModelReady(self, request, context):
+    async def ModelReady(
+        self, request: kpb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ModelReadyResponse:
         known = request.name == MODEL_NAME and request.version in ("", MODEL_VERSION)
         return kpb.ModelReadyResponse(ready=known and await self.pipeline.backend.is_ready())
 
-    async def ServerMetadata(self, request, context):
+    async def ServerMetadata(
+        self, request: kpb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ServerMetadataResponse:
         return kpb.ServerMetadataResponse(name="brainscan", version=MODEL_VERSION, extensions=["statistics"])
 
-    async def ModelMetadata(self, request, context):
+    async def ModelMetadata(
+        self, request: kpb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ModelMetadataResponse:
         await self._check_model(request.name, request.version, context)
         inputs, outputs = _tensors(len(self._labels))
         return kpb.ModelMetadataResponse(
@@ -94,7 +104,9 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             outputs=[kpb.ModelMetadataResponse.TensorMetadata(name=n, datatype=d, shape=s) for n, d, s in outputs],
         )
 
-    async def ModelConfig(self, request, context):
+    async def ModelConfig(
+        self, request: kpb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ModelConfigResponse:
         await self._check_model(request.name, request.version, context)
         inputs, outputs = _tensors(len(self._labels))
         config = mc.ModelConfig(name=MODEL_NAME, platform=PLATFORM, max_batch_size=0)
@@ -109,7 +121,9 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         config.parameters["disclaimer"].string_value = DISCLAIMER
         return kpb.ModelConfigResponse(config=config)
 
-    async def ModelStatistics(self, request, context):
+    async def ModelStatistics(
+        self, request: kpb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ModelStatisticsResponse:
         stats = [self._pipeline_statistics()] + [
             _model_statistics(role, self.pipeline.backend.specs[role].version, batch)
             for role, batch in getattr(self.pipeline.backend, "stats", {}).items()
@@ -122,7 +136,9 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
 
     # --- inference ---------------------------------------------------------
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(
+        self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ModelInferResponse:
         started = time.perf_counter()
         try:
             await self._check_model(request.model_name, request.model_version, context)

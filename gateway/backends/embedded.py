@@ -66,7 +66,10 @@ class EmbeddedBackend:
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
-            session = ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
+            # No spin-waiting: several calls and the pre/post pool share the cores, and spinning
+            # threads starve them (measured 1.6-2x slower per call on 2 busy cores).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = ort.InferenceSession(str(spec.onnx_path), options, providers=_providers())
             check_session_against_spec(session, spec)
             self._sessions[role] = session
             self.stats[role] = BatchStats(model=role)
@@ -123,6 +126,12 @@ class EmbeddedBackend:
         self._batchers.clear()
         self._sessions.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _providers() -> list[str]:
+    """CUDA first when this ONNX Runtime build has it (onnxruntime-gpu on a GPU host), else the CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or ["CPUExecutionProvider"]
 
 
 def check_session_against_spec(session: ort.InferenceSession, spec: ModelSpec) -> None:
