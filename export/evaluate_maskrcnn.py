@@ -132,8 +132,8 @@ def targets_report(results: dict) -> dict[str, object]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="COCO box/mask AP and the no_tumor false-positive rate of the Mask R-CNN.")
     parser.add_argument("--data", type=Path, default=default_data_root(), help="datasets root (default: $BRAINSCAN_DATA or ../shared/datasets)")
-    parser.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "runs" / "maskrcnn" / "last.pt", help="training checkpoint to evaluate (PyTorch)")
-    parser.add_argument("--onnx", type=Path, default=None, help="evaluate an exported model folder instead (e.g. model_repository/maskrcnn), through ONNX Runtime")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="evaluate a training checkpoint (PyTorch) instead of the ONNX file")
+    parser.add_argument("--onnx", type=Path, default=REPO_ROOT / "model_repository" / "maskrcnn", help="exported model folder evaluated through ONNX Runtime (default: the committed model_repository/maskrcnn)")
     parser.add_argument("--threshold", type=float, default=SERVING_THRESHOLD, help="serving score threshold (false-positive rate, detected share)")
     parser.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (checkpoints only)")
@@ -149,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"datasets folder {args.data} not found; pass --data or set BRAINSCAN_DATA")
         return 2
     torch.set_num_threads(args.threads)
-    if args.onnx is not None:
+    if args.checkpoint is None:
         run, size = onnx_runner(args.onnx, args.threads)
         source = f"onnx:{args.onnx}"
     else:

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Brain-MRI tumor analysis over gRPC. {DISCLAIMER}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Model lifecycle: brainscan train|evaluate|export {classifier,unet,maskrcnn} --help, "
-        "brainscan data audit --help, brainscan triton --help, brainscan bench triton --help",
+        "brainscan data audit --help, brainscan triton --help, brainscan bench pipeline|triton --help",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--triton-url", help="Triton gRPC address for --backend triton (default 127.0.0.1:8001)")
     serve.add_argument("--tumor-threshold", type=float, help="p(tumor) at which U-Net/Mask R-CNN run (default 0.5)")
     serve.add_argument("--max-in-flight", type=int, help="concurrent requests before RESOURCE_EXHAUSTED (default 64)")
+    serve.add_argument("--batch-max-size", type=int, help="embedded backend: rows per batched model call (default 8)")
+    serve.add_argument("--batch-max-delay-ms", type=float, help="embedded backend: max wait to fill a batch, 0 = off (default 2)")
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key serves TLS")
     serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     serve.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mutual TLS)")
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", "evaluate a model's ONNX file: classifier, unet or maskrcnn"),
         ("export", "export a trained model into model_repository/: classifier, unet, maskrcnn (or tiny)"),
         ("data", "dataset tools: audit"),
-        ("bench", "benchmarks: triton"),
+        ("bench", "benchmarks: pipeline, triton"),
         ("triton", "run a local Triton server over model_repository/"),
     ):
         commands.add_parser(name, help=help_text, add_help=False)
@@ -157,6 +159,8 @@ def _serve(args: argparse.Namespace) -> int:
                 "triton_url": args.triton_url,
                 "tumor_threshold": args.tumor_threshold,
                 "max_in_flight": args.max_in_flight,
+                "batch_max_size": args.batch_max_size,
+                "batch_max_delay_ms": args.batch_max_delay_ms,
                 "tls_cert": args.tls_cert,
                 "tls_key": args.tls_key,
                 "tls_client_ca": args.tls_client_ca,
