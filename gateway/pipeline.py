@@ -138,7 +138,7 @@ class Pipeline:
         )
         watch.record("total", total_started)
         analysis = Analysis(
-            label=labels[int(np.argmax(probabilities))],
+            label=_label(by_label, tumor_detected),
             probabilities=by_label,
             tumor_probability=tumor_probability,
             tumor_detected=tumor_detected,
@@ -216,6 +216,17 @@ class Pipeline:
         )
         watch.record("maskrcnn_postprocess", started)
         return result
+
+
+def _label(probabilities: dict[str, float], tumor_detected: bool) -> str:
+    """The label agrees with the tumor gate: no_tumor, or the most likely tumor class.
+
+    Plain argmax could say no_tumor (0.36) while p(tumor) = 0.64 passes the gate.
+    """
+    if not tumor_detected:
+        return NO_TUMOR
+    tumor_classes = {k: v for k, v in probabilities.items() if k != NO_TUMOR}
+    return max(tumor_classes, key=tumor_classes.__getitem__)
 
 
 async def _value(value):

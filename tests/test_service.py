@@ -25,6 +25,7 @@ def check_result(result: AnalysisResult, height: int, width: int) -> None:
     assert set(result.probabilities) == LABELS
     assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
     assert result.tumor_probability == pytest.approx(1.0 - result.probabilities["no_tumor"], abs=1e-5)
+    assert (result.label != "no_tumor") == result.tumor_detected  # the label follows the gate
     assert result.image_size == (height, width)
     assert set(result.models) == {"classifier", "unet", "maskrcnn"}
     assert {"decode", "preprocess", "classifier", "total"} <= set(result.timings)
