@@ -10,8 +10,6 @@ balanced class weights, label smoothing, AdamW with warm-up + cosine decay.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -127,13 +125,8 @@ def main(args: argparse.Namespace) -> int:
         "train_images": int(len(train_idx)),
         "val_images": int(len(val_idx)),
         "class_counts": dict(zip(CLASS_LABELS, counts.tolist())),
-        "parameters": int(model.count_params()),
-        "epochs_run": len(history.history["loss"]),
-        "train_wall_minutes": round((time.time() - started) / 60.0, 1),
-        "host": f"{platform.node()} (CPU, {args.threads} TF thread(s))",
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"best checkpoint {out / 'best.keras'}: {json.dumps(summary)}")
+    train_common.write_summary(out, summary, model=model, history=history, started=started, threads=args.threads)
     return 0
 
 

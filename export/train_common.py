@@ -206,3 +206,20 @@ def progress_callback(desc: str):
             self.bar.close()
 
     return TqdmProgress()
+
+
+def write_summary(out: Path, summary: dict, *, model, history, started: float, threads: int) -> None:
+    """summary.json beside the checkpoints: run facts both Keras trainings share, plus their own."""
+    import json
+    import platform
+    import time
+
+    summary = {
+        **summary,
+        "parameters": int(model.count_params()),
+        "epochs_run": len(history.history["loss"]),
+        "train_wall_minutes": round((time.time() - started) / 60.0, 1),
+        "host": f"{platform.node()} (CPU, {threads} TF thread(s))",
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"best checkpoint {out / 'best.keras'}: {json.dumps(summary)}")

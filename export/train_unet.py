@@ -11,8 +11,6 @@ Loss: binary cross-entropy + batch soft Dice.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import numpy as np
@@ -143,13 +141,8 @@ def main(args: argparse.Namespace) -> int:
         "train_slices": int(len(train_idx)),
         "train_tumor_slices": int(n_pos),
         "val_slices": int(len(val_idx)),
-        "parameters": int(model.count_params()),
-        "epochs_run": len(history.history["loss"]),
-        "train_wall_minutes": round((time.time() - started) / 60.0, 1),
-        "host": f"{platform.node()} (CPU, {args.threads} TF thread(s))",
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"best checkpoint {out / 'best.keras'}: {json.dumps(summary)}")
+    train_common.write_summary(out, summary, model=model, history=history, started=started, threads=args.threads)
     return 0
 
 
