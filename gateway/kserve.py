@@ -218,9 +218,7 @@ def image_from_request(request: kpb.ModelInferRequest) -> bytes:
         elements = list(tensor.contents.bytes_contents)
     if len(elements) != 1:
         raise InvalidImage(f"input IMAGE must hold one encoded image; got {len(elements)} elements")
-    if not elements[0]:
-        raise InvalidImage("image is empty (0 bytes)")
-    return elements[0]
+    return elements[0]  # decode_image refuses empty bytes
 
 
 def options_from_parameters(parameters) -> AnalysisOptions:

@@ -136,9 +136,7 @@ def options_from_request(request: pb.AnalyzeRequest) -> AnalysisOptions:
 def image_from_request(request: pb.AnalyzeRequest) -> bytes | np.ndarray:
     kind = request.WhichOneof("image")
     if kind == "encoded":
-        if not request.encoded:
-            raise InvalidImage("image is empty (0 bytes)")
-        return request.encoded
+        return request.encoded  # decode_image refuses empty bytes
     if kind == "raw":
         return array_from_raw(request.raw)
     raise InvalidImage("request carries no image: set `encoded` (PNG/JPEG/DICOM bytes) or `raw` (pixels)")
