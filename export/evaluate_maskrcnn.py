@@ -28,11 +28,10 @@ import torch
 from tqdm import tqdm
 
 from export.datasets import AnnotatedSlice, default_data_root, load_classification_split, load_via_split
-from export.maskrcnn_metrics import MASK_THRESHOLD, Prediction, coco_metrics, false_positive_rate
+from export.maskrcnn_metrics import MASK_THRESHOLD, SERVING_THRESHOLD, Prediction, coco_metrics, false_positive_rate
 from gateway.preprocessing import boxes_to_original, load_image_file, mask_to_original, prepare
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVING_THRESHOLD = 0.5
 DETECTION_SPLITS = ("br35h-polygons/val", "ruslan-kl-polygons/test")
 NEGATIVE_SPLIT = "sartaj-classification/Testing"
 TARGETS = {"box_ap50": 0.90, "mask_ap50": 0.85, "no_tumor_fp_rate_max": 0.05}

@@ -236,7 +236,7 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
         f"{summary.get('epochs_run', '?')} epochs run, seed {args.get('seed')}. "
         "Best epoch chosen on the validation split (carved from training data by near-duplicate group; "
         "evaluation splits never used for selection).\n\nTraining summary:\n\n```json\n" + summary_json + "\n```"
-    )
+    ) + _first_stage(args)
     if model == "classifier":
         data = (
             "Trained on `sartaj-classification/Training` minus every near-duplicate of an evaluation image "
@@ -246,10 +246,21 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
             "mostly glioma and pituitary from another source). Labels: glioma, meningioma, no_tumor, pituitary "
             "(`labels.txt`); tumor probability = 1 − p(no_tumor). Sartaj's glioma folder is known to be partly mislabeled."
         )
+        if args.get("weak_tumor"):
+            data += (
+                " Also trained on the tumor-positive slices of `br35h-polygons/train`, `ruslan-kl-polygons/train` "
+                "and `/val` (other sources, tumor type unknown) as weak labels, near-duplicates of evaluation images "
+                "dropped: Sartaj's no_tumor slices come from one source and its tumor slices mostly from figshare, "
+                "so without them the model learned the source (the first model called 64% of the tumor-positive "
+                "Br35H train slices no_tumor)."
+            )
         recipe = (
             f"Residual CNN with squeeze-excitation (widths {args.get('widths')}, blocks {args.get('depths')}), "
-            f"dropout {args.get('dropout')}, softmax output. Balanced class weights, label smoothing "
-            f"{args.get('label_smoothing')}; selection metric: validation balanced accuracy. " + common_recipe
+            f"dropout {args.get('dropout')}, softmax output. Loss: partial-label cross-entropy (the usual "
+            "cross-entropy for a labeled slice, -log(1 - p(no_tumor)) for a weak tumor slice), balanced weights "
+            f"over the four classes and the weak group, label smoothing {args.get('label_smoothing')}; selection "
+            "metric: validation balanced accuracy (mean recall of the four classes and of the weak group, where any "
+            "tumor class counts as right). " + common_recipe
         )
     else:
         data = (
@@ -263,7 +274,8 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
         recipe = (
             f"U-Net ({args.get('levels')} levels, base {args.get('base_filters')} filters, BN + swish, bilinear "
             "up-sampling), sigmoid mask output. Loss: BCE + batch soft Dice; selection metric: mean of validation "
-            "Dice (tumor slices) and empty-mask rate (tumor-free slices). " + common_recipe
+            "Dice (tumor slices) and empty-mask rate (tumor-free slices). "
+            f"Each tumor-free slice is drawn {args.get('negative_repeat', 1)}x per epoch. " + common_recipe
         )
     export = (
         f"tf2onnx {_version('tf2onnx')} (opset {OPSET}), dynamic batch, max_batch_size {MAX_BATCH_SIZE}, "
@@ -281,6 +293,21 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
     )
     return {"Intended use": "Research and engineering of the brainscan service only.", "Data": data,
             "Training recipe": recipe, "Where it was trained": where, "Export": export, "Limitations": limitations}
+
+
+def _first_stage(args: dict) -> str:
+    """For a fine-tuning run (--init), what the run it started from was."""
+    init = args.get("init")
+    if not init:
+        return ""
+    first = training_record(Path(init).parent)
+    first_args = first.get("args", {}) or {}
+    return (
+        f"\n\nThis run started from the weights of `{init}` (same architecture), itself trained from scratch "
+        f"with lr {first_args.get('lr')} for a budget of {first_args.get('time_budget_min')} min "
+        f"({first.get('epochs_logged', '?')} epochs){'' if first_args.get('weak_tumor') else ' without weak tumor labels'}"
+        ". Its summary:\n\n```json\n" + json.dumps(first.get("summary", {}), indent=1) + "\n```"
+    )
 
 
 def _version(package: str) -> str:

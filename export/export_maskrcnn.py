@@ -19,13 +19,14 @@ import torch
 
 from export.datasets import default_data_root, load_via_split
 from export.maskrcnn_model import MaskRCNNConfig, build_maskrcnn, count_parameters, tiny_config
+from export.maskrcnn_metrics import SERVING_THRESHOLD
 from export.maskrcnn_onnx import OPSET, ParityError, check_io_names, check_parity, export_onnx, int8_cost, latency_ms, ort_session
 from export.repository import onnx_path, write_model_card, write_model_config
 from gateway.contract import TensorSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAME = "maskrcnn"
-SERVING_THRESHOLD = 0.5  # the gateway's default detection threshold
+
 PARITY_SPLIT = ("ruslan-kl-polygons", "val")  # model-selection slices: real, never evaluation data
 
 

@@ -13,11 +13,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from gateway.config import GatewayConfig
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 MASK_THRESHOLD = 0.5  # mask probability → binary mask, as torchvision's own paste step intends
+# The gateway's default detection threshold: metrics "at threshold" mean "as served".
+SERVING_THRESHOLD = GatewayConfig.detection_threshold
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,18 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str, size: int, e
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / model, help="run folder: args.json, log.csv, checkpoints")
     parser.add_argument("--time-budget-min", type=float, default=0.0, help="wall-clock budget: the cosine schedule is fitted to the epochs that fit (0 = exactly --epochs)")
     parser.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke tests); 0 = all")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from the weights of a previous run's .keras checkpoint (same architecture; fresh schedule)")
+
+
+def load_initial_weights(model, path: Path | None) -> None:
+    """Copy a previous checkpoint's weights into `model` (for a fine-tuning run)."""
+    if path is None:
+        return
+    import keras
+
+    model.set_weights(keras.models.load_model(path, compile=False).get_weights())
+    print(f"initialized from {path}")
 
 
 def start_run(args: argparse.Namespace) -> Path:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.datasets import default_data_root, load_via_split, negative_slices
+from export.datasets import AnnotatedSlice, default_data_root, load_via_split, negative_slices
 from export.maskrcnn_data import Augment, DetectionDataset, InstanceSet, collate, load_instances
-from export.maskrcnn_metrics import Prediction, coco_metrics
+from export.maskrcnn_metrics import SERVING_THRESHOLD, Prediction, coco_metrics, false_positive_rate
 from export.maskrcnn_model import MaskRCNNConfig, build_maskrcnn, count_parameters
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +48,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms/biases)")
     parser.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up steps")
     parser.add_argument("--negatives", type=float, default=1.0, help="fraction of the available no_tumor slices to train on")
+    parser.add_argument("--negative-repeat", type=int, default=1, help="times each negative slice is drawn per epoch")
+    parser.add_argument("--val-negatives", type=float, default=0.15,
+                        help="share of the no_tumor slices held out (by near-duplicate group) to measure the false-positive rate")
+    parser.add_argument("--init", type=Path, default=None, help="start from a checkpoint's weights (fresh optimizer and schedule)")
     parser.add_argument("--seed", type=int, default=20240611, help="random seed")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the CPU host is shared)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -66,13 +70,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def training_data(data_root: Path, size: int, negatives: float, seed: int, limit: int = 0) -> InstanceSet:
+def split_negatives(data_root: Path, val_fraction: float, seed: int) -> tuple[list[AnnotatedSlice], list[AnnotatedSlice]]:
+    """(train, held-out) no_tumor slices, near-duplicate groups kept on one side."""
+    from export.audit import compute_signatures, duplicate_groups, load_or_build_audit
+    from export.train_common import group_split
+
+    audit = load_or_build_audit(data_root)
+    negative = [s for s in negative_slices(data_root, "Training") if not audit.is_excluded_from_training(s.path)]
+    if val_fraction <= 0:
+        return negative, []
+    groups = duplicate_groups(compute_signatures([s.path for s in negative], progress=False))
+    train_idx, val_idx = group_split(["no_tumor"] * len(negative), groups, val_fraction, seed)
+    return [negative[i] for i in train_idx], [negative[i] for i in val_idx]
+
+
+def training_data(data_root: Path, size: int, negative: list[AnnotatedSlice], negatives: float, seed: int,
+                  limit: int = 0) -> InstanceSet:
     from export.audit import load_or_build_audit
 
     audit = load_or_build_audit(data_root)
     slices = [s for dataset, split in TRAIN_SPLITS for s in load_via_split(data_root, dataset, split)]
-    negative = negative_slices(data_root, "Training")
-    negative = [s for s in negative if not audit.is_excluded_from_training(s.path)]
     rng = np.random.default_rng(seed)
     negative = [negative[i] for i in sorted(rng.permutation(len(negative))[: int(round(negatives * len(negative)))])]
     slices = [s for s in slices if not audit.is_excluded_from_training(s.path)] + negative
@@ -87,6 +104,14 @@ def selection_data(data_root: Path, size: int) -> InstanceSet:
     audit = load_or_build_audit(data_root)
     slices = [s for s in load_via_split(data_root, *SELECTION_SPLIT) if not audit.is_excluded_from_training(s.path)]
     return load_instances(slices, size, desc="prepare selection")
+
+
+def epoch_indices(data: InstanceSet, negative_repeat: int) -> list[int]:
+    """Every slice once, negatives `negative_repeat` times: more healthy anatomy per epoch."""
+    indices = []
+    for i, masks in enumerate(data.masks):
+        indices.extend([i] * (1 if len(masks) else max(1, negative_repeat)))
+    return indices
 
 
 @torch.no_grad()
@@ -142,20 +167,27 @@ def main(args: argparse.Namespace) -> int:
     (out / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}, indent=2) + "\n")
 
     config = MaskRCNNConfig(input_size=args.size, trunk_width=args.trunk_width, fpn_channels=args.fpn_channels)
-    train = training_data(args.data, args.size, args.negatives, args.seed, args.limit)
+    train_negatives, held_out_negatives = split_negatives(args.data, args.val_negatives, args.seed)
+    train = training_data(args.data, args.size, train_negatives, args.negatives, args.seed, args.limit)
     selection = selection_data(args.data, args.size)
+    held_out = load_instances(held_out_negatives, args.size, desc="prepare held-out negatives") if held_out_negatives else None
     positives = sum(1 for m in train.masks if len(m))
-    print(f"train: {len(train)} slices ({positives} with tumors, {len(train) - positives} negatives, "
-          f"{sum(len(m) for m in train.masks)} instances); selection: {len(selection)} slices; S={args.size}")
+    print(f"train: {len(train)} slices ({positives} with tumors, {len(train) - positives} negatives x{args.negative_repeat}, "
+          f"{sum(len(m) for m in train.masks)} instances); selection: {len(selection)} slices, "
+          f"{len(held_out_negatives)} held-out negatives; S={args.size}")
 
     model = build_maskrcnn(config).to(device)
+    if args.init:
+        model.load_state_dict(torch.load(args.init, map_location=device, weights_only=False)["model"])
+        print(f"initialized from {args.init}")
     print(f"model: {count_parameters(model) / 1e6:.2f} M parameters; device {device}, threads {args.threads}")
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
     dataset = DetectionDataset(train, Augment(), seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
-                                         num_workers=args.workers, generator=generator, drop_last=len(train) > args.batch_size,
+    sampler = torch.utils.data.SubsetRandomSampler(epoch_indices(train, args.negative_repeat), generator=generator)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
+                                         num_workers=args.workers, drop_last=len(train) > args.batch_size,
                                          persistent_workers=False)
     steps_per_epoch = max(1, len(loader))
     total_steps = args.epochs * steps_per_epoch
@@ -174,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
     started = time.time() - elapsed_before
     log_path = out / "log.csv"
     fields = ["epoch", "step", "lr", "elapsed_s", "loss", "loss_classifier", "loss_box_reg", "loss_mask",
-              "loss_objectness", "loss_rpn_box_reg", "sel_box_ap50", "sel_mask_ap50", "sel_mask_ap"]
+              "loss_objectness", "loss_rpn_box_reg", "sel_box_ap50", "sel_mask_ap50", "sel_mask_ap", "held_out_fp_rate"]
     if not log_path.is_file() or not args.resume:
         with log_path.open("w", newline="") as handle:
             csv.DictWriter(handle, fields).writeheader()
@@ -228,13 +260,18 @@ def main(args: argparse.Namespace) -> int:
             **{k: round(v / max(1, count), 5) for k, v in sums.items()},
             "sel_box_ap50": selection_metrics.get("box_ap50"), "sel_mask_ap50": selection_metrics.get("mask_ap50"),
             "sel_mask_ap": selection_metrics.get("mask_ap"),
+            "held_out_fp_rate": (round(false_positive_rate(predict_grid(model, held_out.images, device), SERVING_THRESHOLD), 4)
+                                 if held_out is not None else None),
         }
         with log_path.open("a", newline="") as handle:
             csv.DictWriter(handle, fields).writerow({k: row.get(k) for k in fields})
         print(json.dumps(row), flush=True)
         score = selection_metrics.get("mask_ap50", 0.0)
         score = -1.0 if score != score else score  # NaN → worst
-        metrics = {"elapsed_s": row["elapsed_s"], "selection": selection_metrics, "best_mask_ap50": max(best, score)}
+        if row["held_out_fp_rate"] is not None:
+            score -= row["held_out_fp_rate"]  # a healthy slice flagged costs as much as a tumor missed
+        metrics = {"elapsed_s": row["elapsed_s"], "selection": selection_metrics, "best_mask_ap50": max(best, score),
+                   "held_out_fp_rate": row["held_out_fp_rate"]}
         save_checkpoint(out / "last.pt", model, optimizer, config, args, epoch, step, metrics)
         if score >= best:
             best = score

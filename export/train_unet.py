@@ -29,6 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-filters", type=int, default=8, help="filters of the first U-Net level (doubles per level)")
     parser.add_argument("--levels", type=int, default=4, help="number of down-sampling levels")
     parser.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft-Dice term next to BCE")
+    parser.add_argument("--negative-repeat", type=int, default=1, help="times each tumor-free training slice is drawn per epoch")
     return parser
 
 
@@ -105,7 +106,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"train {len(train_idx)} ({n_pos} tumor, {len(train_idx) - n_pos} tumor-free) / val {len(val_idx)} slices "
           "(after dropping near-duplicates of evaluation images)")
 
-    x_train, y_train = images[train_idx], masks[train_idx]
+    # Negatives repeated: healthy anatomy is what the model must learn to leave empty.
+    repeats = [1 if slices[i].regions else max(1, args.negative_repeat) for i in train_idx]
+    train_idx_epoch = np.repeat(train_idx, repeats)
+    x_train, y_train = images[train_idx_epoch], masks[train_idx_epoch]
     x_val, y_val = images[val_idx], masks[val_idx]
     options = tf.data.Options()
     options.threading.private_threadpool_size = 1
@@ -119,6 +123,7 @@ def main(args: argparse.Namespace) -> int:
     )
     steps = len(x_train) // args.batch_size
     model = build_unet(args.size, base=args.base_filters, levels=args.levels)
+    train_common.load_initial_weights(model, args.init)
     schedule = train_common.cosine_schedule(args.lr, steps * args.epochs, warmup_steps=steps * min(2, args.epochs))
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=args.weight_decay),
@@ -140,6 +145,8 @@ def main(args: argparse.Namespace) -> int:
         **{k: history.history[k][best] for k in ("val_score", "val_dice", "val_empty_rate", "val_loss")},
         "train_slices": int(len(train_idx)),
         "train_tumor_slices": int(n_pos),
+        "negative_repeat": args.negative_repeat,
+        "initialized_from": str(args.init) if args.init else None,
         "val_slices": int(len(val_idx)),
     }
     train_common.write_summary(out, summary, model=model, history=history, started=started, threads=args.threads)

@@ -2,6 +2,9 @@
 (U-Net ‖ Mask R-CNN) → results mapped back to the original pixels.
 
 CPU-bound numpy work runs in a thread pool so the event loop only schedules.
+Each hop to the pool costs a thread wake-up, so the work is grouped: decode,
+brain crop and the classifier tensor in one hop; a model whose input size
+matches one already prepared (the U-Net's and the classifier's) reuses it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from gateway.postprocessing import (
 from gateway.preprocessing import (
     CropBox,
     DecodedImage,
+    PreparedImage,
     decode_frames,
     decode_image,
     find_brain_box,
@@ -66,6 +70,29 @@ class _Stopwatch:
         self.timings_ms[stage] = round((time.perf_counter() - started) * 1000.0, 3)
 
 
+class _Inputs:
+    """One slice's prepared tensors, one per model input size, all cut from the same brain crop."""
+
+    def __init__(self, decoded: DecodedImage, crop: CropBox) -> None:
+        self.decoded, self.crop = decoded, crop
+        self._by_size: dict[int, PreparedImage] = {}
+
+    def cached(self, size: int) -> PreparedImage | None:
+        return self._by_size.get(size)
+
+    def get(self, size: int) -> PreparedImage:
+        prepared = self._by_size.get(size)
+        if prepared is None:
+            prepared = self._by_size[size] = prepare(self.decoded.pixels, size, crop=self.crop)
+        return prepared
+
+    @classmethod
+    def first(cls, decoded: DecodedImage, size: int) -> _Inputs:
+        inputs = cls(decoded, find_brain_box(decoded.pixels))
+        inputs.get(size)
+        return inputs
+
+
 class Pipeline:
     def __init__(self, backend: Backend, config: GatewayConfig, executor: ThreadPoolExecutor) -> None:
         self.backend = backend
@@ -88,11 +115,23 @@ class Pipeline:
         *,
         timeout_s: float | None = None,
     ) -> Analysis:
+        loop = asyncio.get_running_loop()
+        size = self.backend.specs["classifier"].input_size
+        timings: dict[str, float] = {}
+
+        def decode_and_prepare() -> _Inputs:
+            started = time.perf_counter()
+            (decoded,) = self._decode(image, all_frames=False)
+            timings["decode"] = (time.perf_counter() - started) * 1000.0
+            return _Inputs.first(decoded, size)
+
         started = time.perf_counter()
-        (decoded,) = await self.decode(image)
-        decode_ms = (time.perf_counter() - started) * 1000.0
-        remaining = None if timeout_s is None else timeout_s - decode_ms / 1000.0
-        return await self.analyze_decoded(decoded, options, timeout_s=remaining, decode_ms=decode_ms)
+        inputs = await loop.run_in_executor(self._executor, decode_and_prepare)
+        front_ms = (time.perf_counter() - started) * 1000.0
+        remaining = None if timeout_s is None else timeout_s - front_ms / 1000.0
+        return await self._analyze(
+            inputs, options, timeout_s=remaining, decode_ms=timings["decode"], preprocess_ms=front_ms - timings["decode"]
+        )
 
     async def analyze_decoded(
         self,
@@ -103,18 +142,31 @@ class Pipeline:
         decode_ms: float = 0.0,
     ) -> Analysis:
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        size = self.backend.specs["classifier"].input_size
+        inputs = await loop.run_in_executor(self._executor, _Inputs.first, decoded, size)
+        preprocess_ms = (time.perf_counter() - started) * 1000.0
+        remaining = None if timeout_s is None else timeout_s - preprocess_ms / 1000.0
+        return await self._analyze(inputs, options, timeout_s=remaining, decode_ms=decode_ms, preprocess_ms=preprocess_ms)
+
+    async def _analyze(
+        self,
+        inputs: _Inputs,
+        options: AnalysisOptions,
+        *,
+        timeout_s: float | None,
+        decode_ms: float,
+        preprocess_ms: float,
+    ) -> Analysis:
+        loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         watch = _Stopwatch()
         watch.timings_ms["decode"] = round(decode_ms, 3)
-        total_started = time.perf_counter() - decode_ms / 1000.0
-
-        started = time.perf_counter()
+        watch.timings_ms["preprocess"] = round(preprocess_ms, 3)
+        total_started = time.perf_counter() - (decode_ms + preprocess_ms) / 1000.0
+        decoded = inputs.decoded
         classifier_spec = self.backend.specs["classifier"]
-        crop = await loop.run_in_executor(self._executor, find_brain_box, decoded.pixels)
-        classifier_input = await loop.run_in_executor(
-            self._executor, partial(prepare, decoded.pixels, classifier_spec.input_size, crop=crop)
-        )
-        watch.record("preprocess", started)
+        classifier_input = inputs.get(classifier_spec.input_size)  # prepared in the front hop
 
         started = time.perf_counter()
         outputs = await self.backend.infer(
@@ -133,8 +185,8 @@ class Pipeline:
         segment = run_downstream and options.segment
         detect = run_downstream and options.detect
         segmentation, instances = await asyncio.gather(
-            self._segment(decoded, crop, deadline, watch) if segment else _value(None),
-            self._detect(decoded, crop, deadline, watch) if detect else _value([]),
+            self._segment(inputs, deadline, watch) if segment else _value(None),
+            self._detect(inputs, deadline, watch) if detect else _value([]),
         )
         watch.record("total", total_started)
         analysis = Analysis(
@@ -162,14 +214,15 @@ class Pipeline:
             return [decode_image(bytes(image), max_side=max_side)]
         raise InvalidImage(f"unsupported image type {type(image).__name__}")
 
-    async def _segment(
-        self, decoded: DecodedImage, crop: CropBox, deadline: float | None, watch: _Stopwatch
-    ) -> SegmentationResult | None:
+    async def _prepared(self, inputs: _Inputs, size: int) -> PreparedImage:
+        """The tensor for `size`: from the cache, else prepared in the pool."""
+        return inputs.cached(size) or await asyncio.get_running_loop().run_in_executor(self._executor, inputs.get, size)
+
+    async def _segment(self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch) -> SegmentationResult | None:
         loop = asyncio.get_running_loop()
         spec = self.backend.specs["unet"]
-        prepared = await loop.run_in_executor(
-            self._executor, partial(prepare, decoded.pixels, spec.input_size, crop=crop)
-        )
+        decoded = inputs.decoded
+        prepared = await self._prepared(inputs, spec.input_size)
         started = time.perf_counter()
         outputs = await self.backend.infer(
             "unet", {"image": prepared.tensor[None, :, :, None]}, timeout_s=_remaining(deadline, loop, "unet")
@@ -188,13 +241,12 @@ class Pipeline:
         watch.record("unet_postprocess", started)
         return result
 
-    async def _detect(
-        self, decoded: DecodedImage, crop: CropBox, deadline: float | None, watch: _Stopwatch
-    ) -> list[InstanceResult]:
+    async def _detect(self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch) -> list[InstanceResult]:
         loop = asyncio.get_running_loop()
         spec = self.backend.specs["maskrcnn"]
         size = spec.input_size
-        prepared = await loop.run_in_executor(self._executor, partial(prepare, decoded.pixels, size, crop=crop))
+        decoded = inputs.decoded
+        prepared = await self._prepared(inputs, size)
         started = time.perf_counter()
         outputs = await self.backend.infer(
             "maskrcnn", {"image": prepared.tensor[None]}, timeout_s=_remaining(deadline, loop, "maskrcnn")

@@ -101,17 +101,23 @@ def decode_frames(data: bytes, *, max_side: int = DEFAULT_MAX_SIDE) -> list[Deco
     return [decode_image(data, max_side=max_side)]
 
 
-def to_unit_gray(array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
-    """Any supported numpy image (H×W, H×W×1/3/4; uint8, uint16, float) → float32 H×W in [0, 1]."""
+def to_unit_gray(array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE, bgr: bool = False) -> np.ndarray:
+    """Any supported numpy image (H×W, H×W×1/3/4; uint8, uint16, float) → float32 H×W in [0, 1].
+
+    Colour arrays are RGB(A), or BGR(A) with `bgr` (OpenCV's decoders).
+    """
     if not isinstance(array, np.ndarray):
         raise InvalidImage(f"expected a numpy array, got {type(array).__name__}")
     source_dtype = array.dtype
+    if array.ndim in (2, 3):
+        _check_size(array.shape[:2], max_side)  # before any conversion allocates
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
         if array.shape[2] == 1:
             array = array[:, :, 0]
-        else:
-            luminance = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-            array = array[:, :, :3].astype(np.float32) @ luminance
+        elif source_dtype in _SUPPORTED_DTYPES:
+            # Luminance 0.299 R + 0.587 G + 0.114 B in float32 (OpenCV: ~4x faster than a numpy matmul).
+            colour = np.ascontiguousarray(array[:, :, :3], dtype=np.float32)
+            array = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY if bgr else cv2.COLOR_RGB2GRAY)
     if array.ndim != 2:
         raise InvalidImage(
             f"image array must be H×W or H×W×C with C in (1, 3, 4); got shape {tuple(array.shape)}"
@@ -120,7 +126,6 @@ def to_unit_gray(array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE) -> np.n
         raise InvalidImage(
             f"image dtype {source_dtype} is not supported; use uint8, uint16, int16, float32 or float64"
         )
-    _check_size(array.shape, max_side)
     return _rescale_to_unit(array, source_dtype=source_dtype)
 
 
@@ -242,11 +247,8 @@ def _decode_raster(data: bytes, *, max_side: int) -> DecodedImage:
     decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if decoded is None:
         raise InvalidImage(f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)")
-    if decoded.ndim == 3 and decoded.shape[2] >= 3:
-        # OpenCV decodes to BGR(A); reorder so the luminance weights apply to RGB.
-        decoded = decoded[:, :, [2, 1, 0]]
     source = "png" if data[:8] == _PNG_MAGIC else "jpeg"
-    return DecodedImage(pixels=to_unit_gray(decoded, max_side=max_side), source_format=source)
+    return DecodedImage(pixels=to_unit_gray(decoded, max_side=max_side, bgr=True), source_format=source)
 
 
 def _raster_size(data: bytes, max_side: int) -> tuple[int, int] | None:
