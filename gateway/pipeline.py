@@ -87,9 +87,10 @@ class _Inputs:
         return prepared
 
     @classmethod
-    def first(cls, decoded: DecodedImage, size: int) -> _Inputs:
+    def first(cls, decoded: DecodedImage, sizes: tuple[int, ...]) -> _Inputs:
         inputs = cls(decoded, find_brain_box(decoded.pixels))
-        inputs.get(size)
+        for size in sizes:
+            inputs.get(size)
         return inputs
 
 
@@ -116,14 +117,14 @@ class Pipeline:
         timeout_s: float | None = None,
     ) -> Analysis:
         loop = asyncio.get_running_loop()
-        size = self.backend.specs["classifier"].input_size
+        sizes = self._front_sizes(options)
         timings: dict[str, float] = {}
 
         def decode_and_prepare() -> _Inputs:
             started = time.perf_counter()
             (decoded,) = self._decode(image, all_frames=False)
             timings["decode"] = (time.perf_counter() - started) * 1000.0
-            return _Inputs.first(decoded, size)
+            return _Inputs.first(decoded, sizes)
 
         started = time.perf_counter()
         inputs = await loop.run_in_executor(self._executor, decode_and_prepare)
@@ -143,8 +144,7 @@ class Pipeline:
     ) -> Analysis:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        size = self.backend.specs["classifier"].input_size
-        inputs = await loop.run_in_executor(self._executor, _Inputs.first, decoded, size)
+        inputs = await loop.run_in_executor(self._executor, _Inputs.first, decoded, self._front_sizes(options))
         preprocess_ms = (time.perf_counter() - started) * 1000.0
         remaining = None if timeout_s is None else timeout_s - preprocess_ms / 1000.0
         return await self._analyze(inputs, options, timeout_s=remaining, decode_ms=decode_ms, preprocess_ms=preprocess_ms)
@@ -165,29 +165,23 @@ class Pipeline:
         watch.timings_ms["preprocess"] = round(preprocess_ms, 3)
         total_started = time.perf_counter() - (decode_ms + preprocess_ms) / 1000.0
         decoded = inputs.decoded
-        classifier_spec = self.backend.specs["classifier"]
-        classifier_input = inputs.get(classifier_spec.input_size)  # prepared in the front hop
-
-        started = time.perf_counter()
-        outputs = await self.backend.infer(
-            "classifier",
-            {"image": classifier_input.tensor[None, :, :, None]},
-            timeout_s=_remaining(deadline, loop, "classifier"),
-        )
-        watch.record("classifier", started)
-        probabilities = outputs["probabilities"][0].astype(np.float64)
-        labels = classifier_spec.labels
-        by_label = {label: float(p) for label, p in zip(labels, probabilities)}
-        tumor_probability = 1.0 - by_label[NO_TUMOR]
+        if options.gate:
+            by_label = await self._classify(inputs, deadline, watch)
+            tumor = self._tumor_probability(by_label) >= self.config.tumor_threshold
+            segment, detect = tumor and options.segment, tumor and options.detect
+            segmentation, instances = await asyncio.gather(
+                self._segment(inputs, deadline, watch) if segment else _value(None),
+                self._detect(inputs, deadline, watch) if detect else _value([]),
+            )
+        else:  # nothing waits for the classifier's verdict: all three models at once
+            segment, detect = options.segment, options.detect
+            by_label, segmentation, instances = await asyncio.gather(
+                self._classify(inputs, deadline, watch),
+                self._segment(inputs, deadline, watch) if segment else _value(None),
+                self._detect(inputs, deadline, watch) if detect else _value([]),
+            )
+        tumor_probability = self._tumor_probability(by_label)
         tumor_detected = tumor_probability >= self.config.tumor_threshold
-        run_downstream = tumor_detected or not options.gate
-
-        segment = run_downstream and options.segment
-        detect = run_downstream and options.detect
-        segmentation, instances = await asyncio.gather(
-            self._segment(inputs, deadline, watch) if segment else _value(None),
-            self._detect(inputs, deadline, watch) if detect else _value([]),
-        )
         watch.record("total", total_started)
         analysis = Analysis(
             label=_label(by_label, tumor_detected),
@@ -213,6 +207,30 @@ class Pipeline:
                 return decode_frames(bytes(image), max_side=max_side)
             return [decode_image(bytes(image), max_side=max_side)]
         raise InvalidImage(f"unsupported image type {type(image).__name__}")
+
+    @staticmethod
+    def _tumor_probability(by_label: dict[str, float]) -> float:
+        return 1.0 - by_label[NO_TUMOR]
+
+    def _front_sizes(self, options: AnalysisOptions) -> tuple[int, ...]:
+        """Input sizes prepared in the first hop: the classifier's, and the others' when they will surely run."""
+        specs = self.backend.specs
+        sizes = [specs["classifier"].input_size]
+        if not options.gate:
+            sizes += [specs[role].input_size for role, wanted in (("unet", options.segment), ("maskrcnn", options.detect)) if wanted]
+        return tuple(dict.fromkeys(sizes))
+
+    async def _classify(self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch) -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        spec = self.backend.specs["classifier"]
+        prepared = await self._prepared(inputs, spec.input_size)
+        started = time.perf_counter()
+        outputs = await self.backend.infer(
+            "classifier", {"image": prepared.tensor[None, :, :, None]}, timeout_s=_remaining(deadline, loop, "classifier")
+        )
+        watch.record("classifier", started)
+        probabilities = outputs["probabilities"][0].astype(np.float64)
+        return {label: float(p) for label, p in zip(spec.labels, probabilities)}
 
     async def _prepared(self, inputs: _Inputs, size: int) -> PreparedImage:
         """The tensor for `size`: from the cache, else prepared in the pool."""

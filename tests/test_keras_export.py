@@ -113,3 +113,16 @@ def test_metric_helpers() -> None:
     truth_masks = np.zeros((2, 4, 4), bool)
     truth_masks[0, :1] = True
     np.testing.assert_allclose(dice_scores(pred, truth_masks), [2 * 4 / 12, 1.0])
+
+
+def test_partial_label_loss_is_cross_entropy_for_labels_and_tumor_mass_for_weak_slices() -> None:
+    from keras import ops
+
+    from export.train_classifier import WEAK, allowed_labels, partial_label_loss
+
+    no_tumor = CLASS_LABELS.index("no_tumor")
+    allowed = allowed_labels(np.array([0, no_tumor, WEAK]))
+    assert allowed[2, no_tumor] == 0.0 and allowed[2].sum() == len(CLASS_LABELS) - 1
+    probs = np.array([[0.6, 0.1, 0.2, 0.1], [0.1, 0.1, 0.7, 0.1], [0.2, 0.1, 0.6, 0.1]], np.float32)
+    loss = ops.convert_to_numpy(partial_label_loss(0.0)(allowed, probs))
+    np.testing.assert_allclose(loss, [-np.log(0.6), -np.log(0.7), -np.log(1 - 0.6)], rtol=1e-5)

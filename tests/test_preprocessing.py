@@ -84,3 +84,32 @@ def test_decode_png_of_each_depth(scale, dtype):
 def test_unsupported_array_dtype_is_refused():
     with pytest.raises(InvalidImage, match="int32"):
         to_unit_gray(np.zeros((64, 64), np.int32))
+
+
+def test_colour_decodes_to_the_rgb_luminance_of_the_array():
+    import cv2
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    expected = (rgb.astype(np.float64) @ [0.299, 0.587, 0.114]) / 255.0
+    np.testing.assert_allclose(to_unit_gray(rgb), expected, atol=1e-5)
+    ok, png = cv2.imencode(".png", rgb[:, :, ::-1])  # OpenCV writes BGR: the file holds the RGB image
+    assert ok
+    np.testing.assert_allclose(decode_image(png.tobytes()).pixels, expected, atol=1e-5)
+
+
+def test_unet_mask_bbox_and_area_match_the_mapped_pixels():
+    rng = np.random.default_rng(5)
+    gray = np.zeros((97, 131), np.float32)
+    gray[5:90, 7:120] = 0.5
+    prepared = prepare(gray, 32)
+    for _ in range(20):
+        probabilities = (rng.random((32, 32)) * rng.uniform(0.3, 1.2)).astype(np.float32)
+        full = mask_to_original(probabilities, prepared) >= 0.5
+        seg = segmentation_from_unet(probabilities, prepared, threshold=0.5, spacing=None)
+        ys, xs = np.nonzero(full)
+        if ys.size == 0:
+            assert seg is None
+            continue
+        assert seg is not None and seg.area_px == ys.size
+        assert seg.bbox == (xs.min(), ys.min(), xs.max() + 1.0, ys.max() + 1.0)
