@@ -158,14 +158,18 @@ class Augment:
 class DetectionDataset(torch.utils.data.Dataset):
     """(image [1, S, S], target) pairs, optionally augmented with a per-item RNG."""
 
-    def __init__(self, data: InstanceSet, augment: Augment | None = None, seed: int = 0) -> None:
+    def __init__(self, data: InstanceSet, augment: Augment | None = None, seed: int = 0,
+                 order: Sequence[int] | None = None) -> None:
         self.data, self.augment, self.seed, self.epoch = data, augment, seed, 0
+        # Item k is slice order[k]; a slice listed twice gets two different augmentations.
+        self.order = list(range(len(data))) if order is None else list(order)
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.order)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        image, masks = self.data.images[index], self.data.masks[index]
+        item = self.order[index]
+        image, masks = self.data.images[item], self.data.masks[item]
         if self.augment is not None:
             rng = np.random.default_rng((self.seed, self.epoch, index))
             image, masks = self.augment(image, masks, rng)

@@ -183,11 +183,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"model: {count_parameters(model) / 1e6:.2f} M parameters; device {device}, threads {args.threads}")
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
-    dataset = DetectionDataset(train, Augment(), seed=args.seed)
+    dataset = DetectionDataset(train, Augment(), seed=args.seed, order=epoch_indices(train, args.negative_repeat))
     generator = torch.Generator().manual_seed(args.seed)
-    sampler = torch.utils.data.SubsetRandomSampler(epoch_indices(train, args.negative_repeat), generator=generator)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
-                                         num_workers=args.workers, drop_last=len(train) > args.batch_size,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                                         num_workers=args.workers, generator=generator, drop_last=len(dataset) > args.batch_size,
                                          persistent_workers=False)
     steps_per_epoch = max(1, len(loader))
     total_steps = args.epochs * steps_per_epoch

@@ -127,6 +127,17 @@ def test_epoch_indices_repeat_only_negatives() -> None:
     assert sorted(epoch_indices(data, 3)) == [0, 1, 1, 1, 2]
 
 
+def test_a_repeated_slice_gets_a_fresh_augmentation() -> None:
+    from export.maskrcnn_data import Augment, DetectionDataset, InstanceSet
+
+    rng = np.random.default_rng(0)
+    data = InstanceSet(paths=[Path("a.jpg")], images=rng.random((1, 64, 64)).astype(np.float32),
+                       masks=[np.zeros((0, 64, 64), np.uint8)])
+    dataset = DetectionDataset(data, Augment(), seed=1, order=[0, 0])
+    first, second = dataset[0][0], dataset[1][0]
+    assert len(dataset) == 2 and not torch.equal(first, second)
+
+
 def test_export_wrapper_contract_in_pytorch() -> None:
     model = build_maskrcnn(tiny_config(64)).eval()
     boxes, scores, masks = MaskRCNNExportWrapper(model)(torch.rand(1, 64, 64))
