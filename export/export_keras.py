@@ -296,18 +296,21 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
 
 
 def _first_stage(args: dict) -> str:
-    """For a fine-tuning run (--init), what the run it started from was."""
-    init = args.get("init")
-    if not init:
-        return ""
-    first = training_record(Path(init).parent)
-    first_args = first.get("args", {}) or {}
-    return (
-        f"\n\nThis run started from the weights of `{init}` (same architecture), itself trained from scratch "
-        f"with lr {first_args.get('lr')} for a budget of {first_args.get('time_budget_min')} min "
-        f"({first.get('epochs_logged', '?')} epochs){'' if first_args.get('weak_tumor') else ' without weak tumor labels'}"
-        ". Its summary:\n\n```json\n" + json.dumps(first.get("summary", {}), indent=1) + "\n```"
-    )
+    """For a fine-tuning run (--init), the chain of runs it started from, back to the one trained from scratch."""
+    parts, init, seen = [], args.get("init"), set()
+    while init and init not in seen:
+        seen.add(init)
+        record = training_record(Path(init).parent)
+        stage_args = record.get("args", {}) or {}
+        parts.append(
+            f"\n\nIt started from the weights of `{init}` (same architecture): S={stage_args.get('size')}, "
+            f"lr {stage_args.get('lr')}, budget {stage_args.get('time_budget_min')} min, "
+            f"{record.get('epochs_logged', '?')} epochs, weak tumor labels {'on' if stage_args.get('weak_tumor') else 'off'}, "
+            f"{'itself fine-tuned' if stage_args.get('init') else 'trained from scratch'}. Its summary:\n\n```json\n"
+            + json.dumps(record.get("summary", {}), indent=1) + "\n```"
+        )
+        init = stage_args.get("init")
+    return "".join(parts)
 
 
 def _version(package: str) -> str:

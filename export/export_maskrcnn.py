@@ -224,6 +224,23 @@ def _int8_sentence(facts: dict) -> str:
     )
 
 
+def _training_chain(train_args: dict) -> str:
+    """A fine-tuning run (--init) names the runs it grew from, back to the one trained from scratch."""
+    lines, init, seen = [], train_args.get("init"), set()
+    while init and init not in seen:
+        seen.add(init)
+        run_dir = Path(init).parent
+        stage = json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").is_file() else {}
+        rows = list(csv.DictReader((run_dir / "log.csv").open())) if (run_dir / "log.csv").is_file() else []
+        minutes = f"{float(rows[-1]['elapsed_s']) / 60:.0f} min, {rows[-1]['epoch']} epochs" if rows else "length unknown"
+        lines.append(
+            f"`{init}`: lr {stage.get('lr')}, negatives x{stage.get('negative_repeat', 1)}, {minutes}, "
+            f"{'fine-tuned from the next' if stage.get('init') else 'trained from scratch'}"
+        )
+        init = stage.get("init")
+    return (" Weights grew through: " + "; ".join(lines) + ".") if lines else ""
+
+
 def _card_sections(config: MaskRCNNConfig, state: dict, facts: dict, args: argparse.Namespace) -> dict[str, str]:
     train_args = state.get("args", {})
     log_tail = ""
@@ -248,7 +265,8 @@ def _card_sections(config: MaskRCNNConfig, state: dict, facts: dict, args: argpa
         ),
         "Training data": (
             "br35h-polygons/train and ruslan-kl-polygons/train (one instance per VIA polygon/circle/ellipse region) plus "
-            "sartaj-classification/Training/no_tumor as negatives, all through the gateway's `prepare()`; near-duplicates "
+            "sartaj-classification/Training/no_tumor as negatives (drawn `negative_repeat` times per epoch, each "
+            "draw augmented afresh), all through the gateway's `prepare()`; near-duplicates "
             "of any evaluation image dropped (export/eval_subsets.json). ruslan-kl-polygons/val used for per-epoch "
             "monitoring and the parity check only (the final, annealed checkpoint `last.pt` is the one exported). Augmentation: left-right flip, ±12° rotation, 0.85-1.15 scale, "
             "±6% shift, gamma/contrast/brightness jitter, Gaussian noise."
@@ -256,6 +274,7 @@ def _card_sections(config: MaskRCNNConfig, state: dict, facts: dict, args: argpa
         "Training run": (
             f"Arguments: `{json.dumps({k: v for k, v in train_args.items() if k not in ('data', 'out', 'resume')})}`. "
             f"Checkpoint `{args.checkpoint.name}` (epoch {state.get('epoch', -1) + 1}, step {state.get('step')}). {log_tail}"
+            + _training_chain(train_args)
         ),
         "Export": (
             f"torch.onnx opset {facts['opset']}, dynamo=False, dynamic height/width and detection count; "
