@@ -4,7 +4,8 @@
 CPU-bound numpy work runs in a thread pool so the event loop only schedules.
 Each hop to the pool costs a thread wake-up, so the work is grouped: decode,
 brain crop and the classifier tensor in one hop; a model whose input size
-matches one already prepared (the U-Net's and the classifier's) reuses it.
+matches one already prepared reuses it, and an ungated request prepares the
+U-Net's and Mask R-CNN's inputs while the classifier runs.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class Pipeline:
         timeout_s: float | None = None,
     ) -> Analysis:
         loop = asyncio.get_running_loop()
-        sizes = self._front_sizes(options)
+        sizes = (self.backend.specs["classifier"].input_size,)
         timings: dict[str, float] = {}
 
         def decode_and_prepare() -> _Inputs:
@@ -144,7 +145,7 @@ class Pipeline:
     ) -> Analysis:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        inputs = await loop.run_in_executor(self._executor, _Inputs.first, decoded, self._front_sizes(options))
+        inputs = await loop.run_in_executor(self._executor, _Inputs.first, decoded, (self.backend.specs["classifier"].input_size,))
         preprocess_ms = (time.perf_counter() - started) * 1000.0
         remaining = None if timeout_s is None else timeout_s - preprocess_ms / 1000.0
         return await self._analyze(inputs, options, timeout_s=remaining, decode_ms=decode_ms, preprocess_ms=preprocess_ms)
@@ -165,21 +166,19 @@ class Pipeline:
         watch.timings_ms["preprocess"] = round(preprocess_ms, 3)
         total_started = time.perf_counter() - (decode_ms + preprocess_ms) / 1000.0
         decoded = inputs.decoded
-        if options.gate:
+        # Ungated, the U-Net and Mask R-CNN will surely run: prepare their inputs while the classifier runs.
+        ahead = None if options.gate else asyncio.ensure_future(self._prepare_downstream(inputs, options))
+        try:
             by_label = await self._classify(inputs, deadline, watch)
-            tumor = self._tumor_probability(by_label) >= self.config.tumor_threshold
-            segment, detect = tumor and options.segment, tumor and options.detect
-            segmentation, instances = await asyncio.gather(
-                self._segment(inputs, deadline, watch) if segment else _value(None),
-                self._detect(inputs, deadline, watch) if detect else _value([]),
-            )
-        else:  # nothing waits for the classifier's verdict: all three models at once
-            segment, detect = options.segment, options.detect
-            by_label, segmentation, instances = await asyncio.gather(
-                self._classify(inputs, deadline, watch),
-                self._segment(inputs, deadline, watch) if segment else _value(None),
-                self._detect(inputs, deadline, watch) if detect else _value([]),
-            )
+        finally:
+            if ahead is not None:
+                await ahead
+        run_downstream = not options.gate or self._tumor_probability(by_label) >= self.config.tumor_threshold
+        segment, detect = run_downstream and options.segment, run_downstream and options.detect
+        segmentation, instances = await asyncio.gather(
+            self._segment(inputs, deadline, watch) if segment else _value(None),
+            self._detect(inputs, deadline, watch) if detect else _value([]),
+        )
         tumor_probability = self._tumor_probability(by_label)
         tumor_detected = tumor_probability >= self.config.tumor_threshold
         watch.record("total", total_started)
@@ -212,13 +211,10 @@ class Pipeline:
     def _tumor_probability(by_label: dict[str, float]) -> float:
         return 1.0 - by_label[NO_TUMOR]
 
-    def _front_sizes(self, options: AnalysisOptions) -> tuple[int, ...]:
-        """Input sizes prepared in the first hop: the classifier's, and the others' when they will surely run."""
+    async def _prepare_downstream(self, inputs: _Inputs, options: AnalysisOptions) -> None:
         specs = self.backend.specs
-        sizes = [specs["classifier"].input_size]
-        if not options.gate:
-            sizes += [specs[role].input_size for role, wanted in (("unet", options.segment), ("maskrcnn", options.detect)) if wanted]
-        return tuple(dict.fromkeys(sizes))
+        wanted = [specs[role].input_size for role, on in (("unet", options.segment), ("maskrcnn", options.detect)) if on]
+        await asyncio.gather(*(self._prepared(inputs, size) for size in dict.fromkeys(wanted)))
 
     async def _classify(self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch) -> dict[str, float]:
         loop = asyncio.get_running_loop()
