@@ -37,6 +37,7 @@ from typing import Any
 from bench import processes, report
 from bench.floor import measure_floor
 from bench.load import GrpcAnalyze, HttpAnalyze, closed_loop
+from bench.paired import paired_added_latency
 from gateway.config import PROJECT_ROOT
 from gateway.contract import load_repository
 from gateway.triton_bench import default_images, find_images
@@ -65,6 +66,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--triton-url", default=None, help="use this Triton (gRPC) instead of starting a local one")
     parser.add_argument("--runs", type=Path, default=PROJECT_ROOT / "runs", help="training runs with checkpoints for the naive server")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results", help="folder for the JSON and Markdown results")
+    parser.add_argument("--pairs", type=int, default=60,
+                        help="paired floor/gateway calls for the concurrency-1 added latency (0 = skip)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 slices, concurrency 1,4, naive 1, 2 s points")
     parser.add_argument("--check", action="store_true", help="exit 1 when a CPU target is not met")
     return parser
@@ -73,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.count, args.duration, args.warmup = min(args.count, 6), 2.0, 0.5
-        args.concurrency, args.naive_concurrency = "1,4", "1"
+        args.concurrency, args.naive_concurrency, args.pairs = "1,4", "1", min(args.pairs, 8)
     systems = [s for s in args.systems.split(",") if s]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
@@ -105,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
             "floor": lambda: measure_floor(
                 repository, images, threads=threads, warmup_s=args.warmup, duration_s=args.duration
             ),
-            "embedded": lambda: run_embedded(repository, workdir, images, gateway_points, args, env),
+            "embedded": lambda: run_embedded(repository, workdir, images, gateway_points, args, env, results),
             "triton": lambda: run_triton(repository, workdir, images, gateway_points, args, env),
             "naive": lambda: run_naive(repository, workdir, images, args, results),
         }
@@ -151,9 +154,14 @@ def gateway_env(args: argparse.Namespace, threads: int) -> dict[str, str]:
 
 
 def run_embedded(repository: Path, workdir: Path, images: list[bytes], points: list[int],
-                 args: argparse.Namespace, env: dict[str, str]) -> list[dict[str, Any]]:
+                 args: argparse.Namespace, env: dict[str, str], results: dict[str, Any]) -> list[dict[str, Any]]:
     with processes.gateway(repository, workdir, env=env) as address:
-        return sweep("gateway (embedded)", address, images, points, args, stats_address=address)
+        swept = sweep("gateway (embedded)", address, images, points, args, stats_address=address)
+        if args.pairs:
+            step(f"gateway (embedded): paired added latency at concurrency 1, {args.pairs} pairs")
+            results["paired_c1"] = {"embedded": paired_added_latency(
+                repository, address, images, threads=int(env["BRAINSCAN_ORT_THREADS"]), pairs=args.pairs)}
+        return swept
 
 
 def run_naive(repository: Path, workdir: Path, images: list[bytes], args: argparse.Namespace,

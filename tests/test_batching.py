@@ -168,3 +168,7 @@ def test_bench_quick_smoke(tiny_repository: Path, tmp_path: Path) -> None:
         assert "x_floor" in point and "added_p50_ms" in point
         assert set(point["batch_sizes"]) >= {"classifier", "unet", "maskrcnn"}
     assert set(data["targets"]) >= {"embedded.added_p50_ms_c1", "embedded.throughput_vs_floor_c16"}
+    paired = data["paired_c1"]["embedded"]
+    assert paired["pairs"] == 8 and paired["floor_p50_ms"] > 0 and paired["gateway_p50_ms"] > 0
+    assert data["targets"]["embedded.added_p50_ms_c1"]["value"] == paired["added_p50_ms"]
+    assert "Paired at concurrency 1" in result.stdout
