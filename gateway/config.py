@@ -33,6 +33,7 @@ class GatewayConfig:
     max_in_flight: int = 64
     worker_threads: int = field(default_factory=_default_threads)
     ort_threads: int = field(default_factory=_default_threads)
+    ort_concurrent_runs: int = 0  # embedded backend: session runs at once (0 = auto: max(2, cores // ort_threads); GPU 4)
     batch_max_size: int = 8  # embedded backend: rows per batched model call (1 = no batching)
     batch_max_delay_ms: float = 2.0  # embedded backend: longest wait for a batch to fill (0 = no batching)
     grace_period_s: float = 10.0

@@ -41,6 +41,7 @@ def make_backend(config: GatewayConfig, executor: ThreadPoolExecutor) -> Backend
     return EmbeddedBackend(
         config.model_repository,
         threads=config.ort_threads,
+        concurrent=config.ort_concurrent_runs,
         batch_max_size=config.batch_max_size,
         batch_max_delay_ms=config.batch_max_delay_ms,
     )

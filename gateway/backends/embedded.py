@@ -43,6 +43,7 @@ class EmbeddedBackend:
         executor: ThreadPoolExecutor | None = None,
         batch_max_size: int = 8,
         batch_max_delay_ms: float = 2.0,
+        concurrent: int = 0,
     ) -> None:
         self.repository = repository
         self.threads = threads
@@ -52,12 +53,12 @@ class EmbeddedBackend:
         self.stats: dict[str, BatchStats] = {}  # model role → batch sizes formed (metrics hook here)
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._batchers: dict[str, MicroBatcher] = {}
-        # ORT releases the GIL while it runs, so a thread pool keeps the event loop free. On the CPU,
-        # session runs that together ask for more threads than there are cores only slow each other
-        # down (measured: the Mask R-CNN 38 -> 49 ms beside the classifier and U-Net on 2 cores), so
-        # runs queue for the cores; each still uses `threads` of them, and batching fills the queue.
+        # ORT releases the GIL while it runs, so a thread pool keeps the event loop free. Two runs may
+        # overlap even when each asks for every core: one run alone leaves gaps (thread hand-offs,
+        # no spinning) that the other fills. Measured on 2 cores at concurrency 16: 27 images/s with
+        # two overlapping runs, 19-20 with one (BRAINSCAN_ORT_CONCURRENT_RUNS overrides).
         self._executor = executor or ThreadPoolExecutor(
-            max_workers=concurrent_runs(threads, _providers()), thread_name_prefix="ort"
+            max_workers=concurrent or concurrent_runs(threads, _providers()), thread_name_prefix="ort"
         )
 
     @property
@@ -135,10 +136,10 @@ class EmbeddedBackend:
 
 
 def concurrent_runs(threads: int, providers: list[str]) -> int:
-    """How many session runs may overlap: the cores over the threads each run uses (GPU: a few)."""
+    """How many session runs may overlap: at least two, more when the cores outnumber each run's threads (GPU: 4)."""
     if "CUDAExecutionProvider" in providers:
         return 4
-    return max(1, (os.cpu_count() or 1) // max(1, threads))
+    return max(2, (os.cpu_count() or 1) // max(1, threads))
 
 
 def _providers() -> list[str]:
