@@ -305,8 +305,9 @@ def _first_stage(args: dict) -> str:
         parts.append(
             f"\n\nIt started from the weights of `{init}` (same architecture): S={stage_args.get('size')}, "
             f"lr {stage_args.get('lr')}, budget {stage_args.get('time_budget_min')} min, "
-            f"{record.get('epochs_logged', '?')} epochs, weak tumor labels {'on' if stage_args.get('weak_tumor') else 'off'}, "
-            f"{'itself fine-tuned' if stage_args.get('init') else 'trained from scratch'}. Its summary:\n\n```json\n"
+            f"{record.get('epochs_logged', '?')} epochs, "
+            + (f"weak tumor labels {'on' if stage_args.get('weak_tumor') else 'off'}, " if "label_smoothing" in stage_args else "")
+            + f"{'itself fine-tuned' if stage_args.get('init') else 'trained from scratch'}. Its summary:\n\n```json\n"
             + json.dumps(record.get("summary", {}), indent=1) + "\n```"
         )
         init = stage_args.get("init")
