@@ -297,10 +297,11 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
 
 def _first_stage(args: dict) -> str:
     """For a fine-tuning run (--init), the chain of runs it started from, back to the one trained from scratch."""
-    parts, init, seen = [], args.get("init"), set()
-    while init and init not in seen:
-        seen.add(init)
-        record = training_record(Path(init).parent)
+    from export.train_common import init_chain
+
+    parts = []
+    for init, run_dir in init_chain(args.get("init")):
+        record = training_record(run_dir)
         stage_args = record.get("args", {}) or {}
         parts.append(
             f"\n\nIt started from the weights of `{init}` (same architecture): S={stage_args.get('size')}, "
@@ -310,7 +311,6 @@ def _first_stage(args: dict) -> str:
             + f"{'itself fine-tuned' if stage_args.get('init') else 'trained from scratch'}. Its summary:\n\n```json\n"
             + json.dumps(record.get("summary", {}), indent=1) + "\n```"
         )
-        init = stage_args.get("init")
     return "".join(parts)
 
 

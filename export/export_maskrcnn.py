@@ -226,10 +226,10 @@ def _int8_sentence(facts: dict) -> str:
 
 def _training_chain(train_args: dict) -> str:
     """A fine-tuning run (--init) names the runs it grew from, back to the one trained from scratch."""
-    lines, init, seen = [], train_args.get("init"), set()
-    while init and init not in seen:
-        seen.add(init)
-        run_dir = Path(init).parent
+    from export.train_common import init_chain
+
+    lines = []
+    for init, run_dir in init_chain(train_args.get("init")):
         stage = json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").is_file() else {}
         rows = list(csv.DictReader((run_dir / "log.csv").open())) if (run_dir / "log.csv").is_file() else []
         minutes = f"{float(rows[-1]['elapsed_s']) / 60:.0f} min, {rows[-1]['epoch']} epochs" if rows else "length unknown"
@@ -237,7 +237,6 @@ def _training_chain(train_args: dict) -> str:
             f"`{init}`: lr {stage.get('lr')}, negatives x{stage.get('negative_repeat', 1)}, {minutes}, "
             f"{'fine-tuned from the next' if stage.get('init') else 'trained from scratch'}"
         )
-        init = stage.get("init")
     return (" Weights grew through: " + "; ".join(lines) + ".") if lines else ""
 
 

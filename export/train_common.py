@@ -60,6 +60,26 @@ def load_initial_weights(model, path: Path | None) -> None:
     print(f"initialized from {path}")
 
 
+def oversample_negatives(indices: Sequence[int], negative: Sequence[bool], repeat: int) -> np.ndarray:
+    """`indices` with each one whose `negative` flag is set listed `repeat` times (one epoch's draws)."""
+    counts = [max(1, repeat) if is_negative else 1 for is_negative in negative]
+    return np.repeat(np.asarray(indices, dtype=np.int64), counts)
+
+
+def init_chain(init: str | Path | None) -> list[tuple[str, Path]]:
+    """(checkpoint, its run folder) for a fine-tuning run's `--init`, then that run's, back to a run from scratch.
+
+    Each run folder's args.json names the checkpoint it started from.
+    """
+    chain: list[tuple[str, Path]] = []
+    while init and str(init) not in {c for c, _ in chain}:
+        run_dir = Path(init).parent
+        chain.append((str(init), run_dir))
+        args_file = run_dir / "args.json"
+        init = json.loads(args_file.read_text()).get("init") if args_file.is_file() else None
+    return chain
+
+
 def start_run(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -108,10 +108,9 @@ def selection_data(data_root: Path, size: int) -> InstanceSet:
 
 def epoch_indices(data: InstanceSet, negative_repeat: int) -> list[int]:
     """Every slice once, negatives `negative_repeat` times: more healthy anatomy per epoch."""
-    indices = []
-    for i, masks in enumerate(data.masks):
-        indices.extend([i] * (1 if len(masks) else max(1, negative_repeat)))
-    return indices
+    from export.train_common import oversample_negatives
+
+    return oversample_negatives(range(len(data)), [len(m) == 0 for m in data.masks], negative_repeat).tolist()
 
 
 @torch.no_grad()

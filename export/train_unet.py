@@ -107,8 +107,8 @@ def main(args: argparse.Namespace) -> int:
           "(after dropping near-duplicates of evaluation images)")
 
     # Negatives repeated: healthy anatomy is what the model must learn to leave empty.
-    repeats = [1 if slices[i].regions else max(1, args.negative_repeat) for i in train_idx]
-    train_idx_epoch = np.repeat(train_idx, repeats)
+    train_idx_epoch = train_common.oversample_negatives(
+        train_idx, [not slices[i].regions for i in train_idx], args.negative_repeat)
     x_train, y_train = images[train_idx_epoch], masks[train_idx_epoch]
     x_val, y_val = images[val_idx], masks[val_idx]
     options = tf.data.Options()

@@ -88,10 +88,10 @@ class _Inputs:
         return prepared
 
     @classmethod
-    def first(cls, decoded: DecodedImage, sizes: tuple[int, ...]) -> _Inputs:
+    def first(cls, decoded: DecodedImage, size: int) -> _Inputs:
+        """Brain crop plus the tensor of the first model to run."""
         inputs = cls(decoded, find_brain_box(decoded.pixels))
-        for size in sizes:
-            inputs.get(size)
+        inputs.get(size)
         return inputs
 
 
@@ -118,14 +118,14 @@ class Pipeline:
         timeout_s: float | None = None,
     ) -> Analysis:
         loop = asyncio.get_running_loop()
-        sizes = (self.backend.specs["classifier"].input_size,)
+        size = self.backend.specs["classifier"].input_size
         timings: dict[str, float] = {}
 
         def decode_and_prepare() -> _Inputs:
             started = time.perf_counter()
             (decoded,) = self._decode(image, all_frames=False)
             timings["decode"] = (time.perf_counter() - started) * 1000.0
-            return _Inputs.first(decoded, sizes)
+            return _Inputs.first(decoded, size)
 
         started = time.perf_counter()
         inputs = await loop.run_in_executor(self._executor, decode_and_prepare)
@@ -145,7 +145,8 @@ class Pipeline:
     ) -> Analysis:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        inputs = await loop.run_in_executor(self._executor, _Inputs.first, decoded, (self.backend.specs["classifier"].input_size,))
+        size = self.backend.specs["classifier"].input_size
+        inputs = await loop.run_in_executor(self._executor, _Inputs.first, decoded, size)
         preprocess_ms = (time.perf_counter() - started) * 1000.0
         remaining = None if timeout_s is None else timeout_s - preprocess_ms / 1000.0
         return await self._analyze(inputs, options, timeout_s=remaining, decode_ms=decode_ms, preprocess_ms=preprocess_ms)
@@ -173,14 +174,14 @@ class Pipeline:
         finally:
             if ahead is not None:
                 await ahead
-        run_downstream = not options.gate or self._tumor_probability(by_label) >= self.config.tumor_threshold
+        tumor_probability = 1.0 - by_label[NO_TUMOR]
+        tumor_detected = tumor_probability >= self.config.tumor_threshold
+        run_downstream = tumor_detected or not options.gate
         segment, detect = run_downstream and options.segment, run_downstream and options.detect
         segmentation, instances = await asyncio.gather(
             self._segment(inputs, deadline, watch) if segment else _value(None),
             self._detect(inputs, deadline, watch) if detect else _value([]),
         )
-        tumor_probability = self._tumor_probability(by_label)
-        tumor_detected = tumor_probability >= self.config.tumor_threshold
         watch.record("total", total_started)
         analysis = Analysis(
             label=_label(by_label, tumor_detected),
@@ -206,10 +207,6 @@ class Pipeline:
                 return decode_frames(bytes(image), max_side=max_side)
             return [decode_image(bytes(image), max_side=max_side)]
         raise InvalidImage(f"unsupported image type {type(image).__name__}")
-
-    @staticmethod
-    def _tumor_probability(by_label: dict[str, float]) -> float:
-        return 1.0 - by_label[NO_TUMOR]
 
     async def _prepare_downstream(self, inputs: _Inputs, options: AnalysisOptions) -> None:
         specs = self.backend.specs
