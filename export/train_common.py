@@ -11,7 +11,7 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +60,12 @@ def load_initial_weights(model, path: Path | None) -> None:
     print(f"initialized from {path}")
 
 
-def oversample_negatives(indices: Sequence[int], negative: Sequence[bool], repeat: int) -> np.ndarray:
-    """`indices` with each one whose `negative` flag is set listed `repeat` times (one epoch's draws)."""
-    counts = [max(1, repeat) if is_negative else 1 for is_negative in negative]
+def oversample_negatives(indices: Sequence[int], negative: Sequence[bool], repeat: int,
+                         hard: Collection[int] = (), hard_repeat: int = 0) -> np.ndarray:
+    """`indices` with each one whose `negative` flag is set listed `repeat` times (one epoch's draws),
+    and those of them also in `hard` (negatives the model currently fires on) `hard_repeat` times more."""
+    counts = [max(1, repeat) + (hard_repeat if index in hard else 0) if is_negative else 1
+              for index, is_negative in zip(indices, negative)]
     return np.repeat(np.asarray(indices, dtype=np.int64), counts)
 
 

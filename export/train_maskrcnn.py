@@ -18,6 +18,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up steps")
     parser.add_argument("--negatives", type=float, default=1.0, help="fraction of the available no_tumor slices to train on")
     parser.add_argument("--negative-repeat", type=int, default=1, help="times each negative slice is drawn per epoch")
+    parser.add_argument("--hard-negative-repeat", type=int, default=0,
+                        help="extra draws per epoch for each training negative on which the model, re-scored before "
+                        "every epoch, has a detection >= --hard-negative-score (0 = off)")
+    parser.add_argument("--hard-negative-score", type=float, default=0.3,
+                        help="detection score that makes a training negative hard (default 0.3)")
     parser.add_argument("--val-negatives", type=float, default=0.15,
                         help="share of the no_tumor slices held out (by near-duplicate group) to measure the false-positive rate")
     parser.add_argument("--init", type=Path, default=None, help="start from a checkpoint's weights (fresh optimizer and schedule)")
@@ -106,11 +112,24 @@ def selection_data(data_root: Path, size: int) -> InstanceSet:
     return load_instances(slices, size, desc="prepare selection")
 
 
-def epoch_indices(data: InstanceSet, negative_repeat: int) -> list[int]:
-    """Every slice once, negatives `negative_repeat` times: more healthy anatomy per epoch."""
+def epoch_indices(data: InstanceSet, negative_repeat: int, hard: Collection[int] = (), hard_repeat: int = 0) -> list[int]:
+    """Every slice once, negatives `negative_repeat` times (more healthy anatomy per epoch), and the
+    negatives in `hard` `hard_repeat` times more."""
     from export.train_common import oversample_negatives
 
-    return oversample_negatives(range(len(data)), [len(m) == 0 for m in data.masks], negative_repeat).tolist()
+    negative = [len(m) == 0 for m in data.masks]
+    return oversample_negatives(range(len(data)), negative, negative_repeat, hard, hard_repeat).tolist()
+
+
+def mine_hard_negatives(model: torch.nn.Module, data: InstanceSet, device: torch.device,
+                        score: float) -> tuple[set[int], float]:
+    """Indices of the training negatives on which the model has a detection >= `score`, and the
+    share of training negatives flagged at the serving threshold."""
+    negative = [i for i, m in enumerate(data.masks) if len(m) == 0]
+    predictions = predict_grid(model, data.images[negative], device)
+    top = [float(p.scores.max()) if len(p.scores) else 0.0 for p in predictions]
+    hard = {i for i, s in zip(negative, top) if s >= score}
+    return hard, false_positive_rate(predictions, SERVING_THRESHOLD)
 
 
 @torch.no_grad()
@@ -204,7 +223,8 @@ def main(args: argparse.Namespace) -> int:
     started = time.time() - elapsed_before
     log_path = out / "log.csv"
     fields = ["epoch", "step", "lr", "elapsed_s", "loss", "loss_classifier", "loss_box_reg", "loss_mask",
-              "loss_objectness", "loss_rpn_box_reg", "sel_box_ap50", "sel_mask_ap50", "sel_mask_ap", "held_out_fp_rate"]
+              "loss_objectness", "loss_rpn_box_reg", "sel_box_ap50", "sel_mask_ap50", "sel_mask_ap", "held_out_fp_rate",
+              "hard_negatives", "train_negative_fp_rate"]
     if not log_path.is_file() or not args.resume:
         with log_path.open("w", newline="") as handle:
             csv.DictWriter(handle, fields).writeheader()
@@ -217,6 +237,13 @@ def main(args: argparse.Namespace) -> int:
     done = False
     for epoch in range(start_epoch, args.epochs):
         dataset.epoch = epoch
+        mined: dict[str, float | int] = {}
+        if args.hard_negative_repeat > 0:
+            hard, train_fp = mine_hard_negatives(model, train, device, args.hard_negative_score)
+            dataset.order = epoch_indices(train, args.negative_repeat, hard, args.hard_negative_repeat)
+            mined = {"hard_negatives": len(hard), "train_negative_fp_rate": round(train_fp, 4)}
+            print(f"epoch {epoch + 1}: {len(hard)} hard negatives drawn {args.hard_negative_repeat}x more; "
+                  f"training negatives flagged at the serving threshold: {train_fp:.3f}", flush=True)
         model.train()
         sums: dict[str, float] = {}
         count = 0
@@ -258,6 +285,7 @@ def main(args: argparse.Namespace) -> int:
             **{k: round(v / max(1, count), 5) for k, v in sums.items()},
             "sel_box_ap50": selection_metrics.get("box_ap50"), "sel_mask_ap50": selection_metrics.get("mask_ap50"),
             "sel_mask_ap": selection_metrics.get("mask_ap"),
+            **mined,
             "held_out_fp_rate": (round(false_positive_rate(predict_grid(model, held_out.images, device), SERVING_THRESHOLD), 4)
                                  if held_out is not None else None),
         }

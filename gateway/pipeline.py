@@ -3,9 +3,13 @@
 
 CPU-bound numpy work runs in a thread pool so the event loop only schedules.
 Each hop to the pool costs a thread wake-up, so the work is grouped: decode,
-brain crop and the classifier tensor in one hop; a model whose input size
-matches one already prepared reuses it, and an ungated request prepares the
-U-Net's and Mask R-CNN's inputs while the classifier runs.
+brain crop and the first model's tensor in one hop, and a model whose input
+size matches one already prepared reuses it.
+
+A gated request (the default) runs the classifier first and the U-Net and
+Mask R-CNN only on a tumor. An ungated request needs nothing from the
+classifier, so all three start at once, the Mask R-CNN (the longest) first:
+its latency is the longest chain, not the sum.
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ class Pipeline:
         timeout_s: float | None = None,
     ) -> Analysis:
         loop = asyncio.get_running_loop()
-        size = self.backend.specs["classifier"].input_size
+        size = self.backend.specs[_first_model(options)].input_size
         timings: dict[str, float] = {}
 
         def decode_and_prepare() -> _Inputs:
@@ -145,7 +149,7 @@ class Pipeline:
     ) -> Analysis:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        size = self.backend.specs["classifier"].input_size
+        size = self.backend.specs[_first_model(options)].input_size
         inputs = await loop.run_in_executor(self._executor, _Inputs.first, decoded, size)
         preprocess_ms = (time.perf_counter() - started) * 1000.0
         remaining = None if timeout_s is None else timeout_s - preprocess_ms / 1000.0
@@ -167,21 +171,24 @@ class Pipeline:
         watch.timings_ms["preprocess"] = round(preprocess_ms, 3)
         total_started = time.perf_counter() - (decode_ms + preprocess_ms) / 1000.0
         decoded = inputs.decoded
-        # Ungated, the U-Net and Mask R-CNN will surely run: prepare their inputs while the classifier runs.
-        ahead = None if options.gate else asyncio.ensure_future(self._prepare_downstream(inputs, options))
-        try:
+        if options.gate:
             by_label = await self._classify(inputs, deadline, watch)
-        finally:
-            if ahead is not None:
-                await ahead
+            tumor_detected = 1.0 - by_label[NO_TUMOR] >= self.config.tumor_threshold
+            segment, detect = tumor_detected and options.segment, tumor_detected and options.detect
+            segmentation, instances = await asyncio.gather(
+                self._segment(inputs, deadline, watch) if segment else _value(None),
+                self._detect(inputs, deadline, watch) if detect else _value([]),
+            )
+        else:
+            segment, detect = options.segment, options.detect
+            # gather starts its tasks in this order: the Mask R-CNN, whose tensor is already prepared, first.
+            instances, by_label, segmentation = await asyncio.gather(
+                self._detect(inputs, deadline, watch) if detect else _value([]),
+                self._classify(inputs, deadline, watch),
+                self._segment(inputs, deadline, watch) if segment else _value(None),
+            )
         tumor_probability = 1.0 - by_label[NO_TUMOR]
         tumor_detected = tumor_probability >= self.config.tumor_threshold
-        run_downstream = tumor_detected or not options.gate
-        segment, detect = run_downstream and options.segment, run_downstream and options.detect
-        segmentation, instances = await asyncio.gather(
-            self._segment(inputs, deadline, watch) if segment else _value(None),
-            self._detect(inputs, deadline, watch) if detect else _value([]),
-        )
         watch.record("total", total_started)
         analysis = Analysis(
             label=_label(by_label, tumor_detected),
@@ -207,11 +214,6 @@ class Pipeline:
                 return decode_frames(bytes(image), max_side=max_side)
             return [decode_image(bytes(image), max_side=max_side)]
         raise InvalidImage(f"unsupported image type {type(image).__name__}")
-
-    async def _prepare_downstream(self, inputs: _Inputs, options: AnalysisOptions) -> None:
-        specs = self.backend.specs
-        wanted = [specs[role].input_size for role, on in (("unet", options.segment), ("maskrcnn", options.detect)) if on]
-        await asyncio.gather(*(self._prepared(inputs, size) for size in dict.fromkeys(wanted)))
 
     async def _classify(self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch) -> dict[str, float]:
         loop = asyncio.get_running_loop()
@@ -279,6 +281,11 @@ class Pipeline:
         )
         watch.record("maskrcnn_postprocess", started)
         return result
+
+
+def _first_model(options: AnalysisOptions) -> str:
+    """The model whose tensor the front hop prepares: the one that starts first."""
+    return "maskrcnn" if options.detect and not options.gate else "classifier"
 
 
 def _label(probabilities: dict[str, float], tumor_detected: bool) -> str:

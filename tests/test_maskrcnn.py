@@ -107,15 +107,18 @@ def test_training_command_one_iteration(tmp_path: Path) -> None:
     from export import train_maskrcnn
 
     args = train_maskrcnn.get_args_parser().parse_args(
-        ["--data", str(DATA), "--out", str(tmp_path), "--limit", "4", "--max-steps", "1", "--batch-size", "2",
-         "--size", "96", "--no-progress", "--device", "cpu", "--negative-repeat", "3"]
+        ["--data", str(DATA), "--out", str(tmp_path), "--limit", "10", "--max-steps", "1", "--batch-size", "2",
+         "--size", "96", "--no-progress", "--device", "cpu", "--negative-repeat", "3",
+         "--hard-negative-repeat", "2"]
     )
     assert train_maskrcnn.main(args) == 0
     state = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
-    assert state["step"] == 1 and state["config"]["input_size"] == 96 and state["args"]["limit"] == 4
+    assert state["step"] == 1 and state["config"]["input_size"] == 96 and state["args"]["limit"] == 10
     log = (tmp_path / "log.csv").read_text().splitlines()
     assert log[0].startswith("epoch,step,lr") and len(log) == 2
-    assert log[0].endswith("held_out_fp_rate") and log[1].split(",")[-1] != ""  # negatives held out by default
+    row = dict(zip(log[0].split(","), log[1].split(",")))
+    assert row["held_out_fp_rate"] != ""  # negatives held out by default
+    assert row["hard_negatives"] != "" and 0.0 <= float(row["train_negative_fp_rate"]) <= 1.0  # mined before the epoch
 
 
 def test_epoch_indices_repeat_only_negatives() -> None:
@@ -125,6 +128,8 @@ def test_epoch_indices_repeat_only_negatives() -> None:
     masks = [np.ones((1, 4, 4), np.uint8), np.zeros((0, 4, 4), np.uint8), np.ones((2, 4, 4), np.uint8)]
     data = InstanceSet(paths=[Path(f"s{i}.jpg") for i in range(3)], images=np.zeros((3, 4, 4), np.float32), masks=masks)
     assert sorted(epoch_indices(data, 3)) == [0, 1, 1, 1, 2]
+    assert sorted(epoch_indices(data, 2, hard={1}, hard_repeat=3)) == [0, 1, 1, 1, 1, 1, 2]
+    assert sorted(epoch_indices(data, 2, hard={0}, hard_repeat=3)) == [0, 1, 1, 2]  # a tumor slice is never "hard"
 
 
 def test_a_repeated_slice_gets_a_fresh_augmentation() -> None:

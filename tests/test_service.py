@@ -93,11 +93,22 @@ def test_switches_skip_models(gateway):
 
 
 def test_gate_follows_the_classifier(gateway):
+    image = synthetic_slice(128, seed=5)
     with Client(gateway.address) as client:
-        result = client.analyze(synthetic_slice(128, seed=5))
+        result = client.analyze(image)
+        ungated = client.analyze(image, gate=False)
     # With the gate on, downstream models run exactly when a tumor is reported.
     assert result.segmentation_ran == result.tumor_detected
     assert result.detection_ran == result.tumor_detected
+    # Ungated, all three models run at once; the answer is the same as the classifier-first order's.
+    assert ungated.segmentation_ran and ungated.detection_ran
+    assert ungated.probabilities == pytest.approx(result.probabilities, abs=1e-6)
+    assert ungated.label == result.label
+    if result.tumor_detected:
+        assert (ungated.mask is None) == (result.mask is None)
+        if result.mask is not None:
+            assert np.array_equal(ungated.mask, result.mask)
+        assert [v for i in ungated.instances for v in i.box] == pytest.approx([v for i in result.instances for v in i.box])
 
 
 def test_analyze_many_streams_in_order_and_reports_a_bad_slice_in_place(gateway):
