@@ -94,13 +94,15 @@ class TritonInstall:
 # --- shim repository -------------------------------------------------------
 
 
-def shim_config(config: mc.ModelConfig, *, gpu_available: bool) -> mc.ModelConfig:
+def shim_config(config: mc.ModelConfig, *, gpu_available: bool, intra_op_threads: int | None = None) -> mc.ModelConfig:
     """The native onnxruntime config, re-targeted at the Python backend.
 
     Everything the contract and the scheduler depend on (name, tensors, dims,
     max_batch_size, batching, instance groups, parameters, labels) is kept.
     Only what the Python backend cannot honour changes: platform, model file
     name, ONNX-specific accelerators, and GPU instances on a host without GPUs.
+    `intra_op_threads` fills the `intra_op_thread_count` parameter where the
+    config leaves it out (the native backend then uses every core; so does this).
     """
     shim = mc.ModelConfig()
     shim.CopyFrom(config)
@@ -108,6 +110,8 @@ def shim_config(config: mc.ModelConfig, *, gpu_available: bool) -> mc.ModelConfi
     shim.ClearField("default_model_filename")
     shim.backend = "python"
     shim.optimization.ClearField("execution_accelerators")
+    if intra_op_threads and "intra_op_thread_count" not in shim.parameters:
+        shim.parameters["intra_op_thread_count"].string_value = str(intra_op_threads)
     if not gpu_available:
         for group in shim.instance_group:
             if group.kind == mc.ModelInstanceGroup.KIND_GPU:
@@ -116,7 +120,9 @@ def shim_config(config: mc.ModelConfig, *, gpu_available: bool) -> mc.ModelConfi
     return shim
 
 
-def build_shim_repository(source: Path, destination: Path, *, models: list[str] | None = None) -> list[str]:
+def build_shim_repository(
+    source: Path, destination: Path, *, models: list[str] | None = None, intra_op_threads: int | None = None
+) -> list[str]:
     """Write a Python-backend shim of `source` into `destination`; return the model names.
 
     ONNX files are symlinked, not copied; labels and other side files are copied.
@@ -135,7 +141,7 @@ def build_shim_repository(source: Path, destination: Path, *, models: list[str] 
     gpu = gpu_available()
     names = []
     for model_dir in model_dirs:
-        config = shim_config(parse_config(model_dir / CONFIG_FILE), gpu_available=gpu)
+        config = shim_config(parse_config(model_dir / CONFIG_FILE), gpu_available=gpu, intra_op_threads=intra_op_threads)
         target = destination / model_dir.name
         target.mkdir(parents=True, exist_ok=True)
         (target / CONFIG_FILE).write_text(text_format.MessageToString(config))
@@ -226,8 +232,11 @@ class LocalTriton:
         startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
         models: list[str] | None = None,
         log_verbose: int = 0,
+        intra_op_threads: int | None = None,
     ) -> None:
         self.repository = Path(repository)
+        # ONNX Runtime threads per model instance; like the embedded backend, all cores by default.
+        self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
         self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
         self.startup_timeout_s = startup_timeout_s
         self.models = models
@@ -268,7 +277,9 @@ class LocalTriton:
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="brainscan-triton-"))
             try:
-                self.model_names = build_shim_repository(self.repository, self._workdir / "models", models=self.models)
+                self.model_names = build_shim_repository(
+                    self.repository, self._workdir / "models", models=self.models, intra_op_threads=self.intra_op_threads
+                )
                 build_backend_directory(install, self._workdir / "backends")
             except BaseException:
                 self.close()
@@ -466,6 +477,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--startup-timeout-s", type=float, default=DEFAULT_STARTUP_TIMEOUT_S, help="give up if not ready by then"
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    parser.add_argument("--intra-op-threads", type=int, default=None,
+                        help="ONNX Runtime threads per model instance where a config does not set "
+                        "intra_op_thread_count (default: all cores)")
     return parser
 
 
@@ -477,7 +491,9 @@ def main(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         startup_timeout_s=args.startup_timeout_s,
         log_verbose=args.log_verbose,
+        intra_op_threads=args.intra_op_threads,
     )
+
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 

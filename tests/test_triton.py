@@ -93,6 +93,16 @@ def test_shim_config_moves_gpu_instances_to_cpu_only_without_gpus() -> None:
     assert gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and list(gpu.instance_group[0].gpus) == [0]
 
 
+def test_shim_config_fills_thread_count_only_where_the_config_leaves_it_out() -> None:
+    bare = text_format.Parse('name: "unet" platform: "onnxruntime_onnx"', mc.ModelConfig())
+    assert shim_config(bare, gpu_available=False, intra_op_threads=4).parameters["intra_op_thread_count"].string_value == "4"
+    assert "intra_op_thread_count" not in shim_config(bare, gpu_available=False).parameters
+    pinned = text_format.Parse(
+        'name: "unet" parameters { key: "intra_op_thread_count" value { string_value: "1" } }', mc.ModelConfig()
+    )
+    assert shim_config(pinned, gpu_available=False, intra_op_threads=4).parameters["intra_op_thread_count"].string_value == "1"
+
+
 @pytest.mark.parametrize(
     ("log_line", "cause"),
     [  # lines as tritonserver 2.51 writes them
