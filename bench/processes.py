@@ -49,10 +49,10 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def _spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def _spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
     handle = log_path.open("w")
     return subprocess.Popen(
-        command, stdout=handle, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+        command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd or PROJECT_ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
@@ -69,15 +69,18 @@ def _serving(address: str) -> bool:
 @contextlib.contextmanager
 def gateway(
     repository: Path, workdir: Path, *, backend: str = "embedded", triton_url: str | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, cwd: Path | None = None,
 ) -> Iterator[str]:
-    """`brainscan serve` on a free loopback port; yields its address once health says SERVING."""
+    """`brainscan serve` on a free loopback port; yields its address once health says SERVING.
+
+    `cwd` (default: this checkout) is where `python -m` finds the gateway's code.
+    """
     log_path = workdir / f"gateway-{backend}.log"
     command = [sys.executable, "-m", "brainscan.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                "--backend", backend, "--model-repository", str(repository)]
     if triton_url:
         command += ["--triton-url", triton_url]
-    process = _spawn(command, log_path, env)
+    process = _spawn(command, log_path, env, cwd)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         address = None

@@ -13,6 +13,7 @@ the model grid map back to the original pixels.
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 
 import cv2
@@ -33,6 +34,8 @@ _NORMALIZE_PERCENTILES = (0.5, 99.5)
 _SUPPORTED_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.float32, np.float64))
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic): they carry the size.
+_JPEG_FRAME_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
 @dataclass(frozen=True)
@@ -165,10 +168,12 @@ def crop_and_resize(
 
 def normalize(patch: np.ndarray) -> np.ndarray:
     """Robust contrast stretch to [0, 1]; makes scanners and exports with different contrast comparable."""
-    lo, hi = np.percentile(patch, _NORMALIZE_PERCENTILES)
+    lo, hi = _percentiles(patch, _NORMALIZE_PERCENTILES)
     if hi - lo < 1e-6:
         return np.zeros_like(patch, dtype=np.float32)
-    return np.clip((patch - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    out = np.subtract(patch, np.float32(lo), dtype=np.float32)
+    out *= np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def prepare(gray: np.ndarray, size: int, *, crop: CropBox | None = None) -> PreparedImage:
@@ -224,6 +229,17 @@ def _check_size(shape: tuple[int, ...], max_side: int) -> None:
         )
 
 
+def _percentiles(values: np.ndarray, percents: tuple[float, ...]) -> np.ndarray:
+    """np.percentile's default (linear) percentiles, from one partial sort of only the ranks needed: half the time."""
+    flat = values.reshape(-1)
+    position = np.asarray(percents, dtype=np.float64) / 100.0 * (flat.size - 1)
+    below = np.floor(position).astype(np.intp)
+    above = np.minimum(below + 1, flat.size - 1)
+    ranked = np.partition(flat, np.unique(np.concatenate([below, above])))
+    low, high = ranked[below].astype(np.float64), ranked[above].astype(np.float64)
+    return low + (high - low) * (position - below)
+
+
 def _rescale_to_unit(array: np.ndarray, *, source_dtype: np.dtype) -> np.ndarray:
     if source_dtype == np.uint8:
         return array.astype(np.float32) / 255.0
@@ -240,9 +256,8 @@ def _rescale_to_unit(array: np.ndarray, *, source_dtype: np.dtype) -> np.ndarray
 
 def _decode_raster(data: bytes, *, max_side: int) -> DecodedImage:
     # Read the header first so a decompression bomb is refused before allocating it.
-    header_size = _raster_size(data, max_side)
-    if header_size is not None:
-        _check_size((header_size[1], header_size[0]), max_side)
+    width, height = _raster_size(data)
+    _check_size((height, width), max_side)
     buffer = np.frombuffer(data, dtype=np.uint8)
     decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if decoded is None:
@@ -251,22 +266,35 @@ def _decode_raster(data: bytes, *, max_side: int) -> DecodedImage:
     return DecodedImage(pixels=to_unit_gray(decoded, max_side=max_side, bgr=True), source_format=source)
 
 
-def _raster_size(data: bytes, max_side: int) -> tuple[int, int] | None:
-    """(width, height) from the header, without decoding pixels."""
-    from PIL import Image, UnidentifiedImageError
+def _raster_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the PNG IHDR chunk or the JPEG frame header, without decoding pixels.
 
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except Image.DecompressionBombError:
-        raise InvalidImage(
-            f"image header claims more than {2 * Image.MAX_IMAGE_PIXELS} pixels; each side must be at most "
-            f"{max_side}"
-        ) from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise InvalidImage(
-            f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)"
-        ) from None
+    A few byte reads (Pillow's header parse cost 0.2 ms per request).
+    """
+    if data[:8] == _PNG_MAGIC:
+        if len(data) >= 24 and data[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", data[16:24])
+            return width, height
+    else:
+        at = 2  # after SOI; walk the marker segments up to the frame header
+        while at + 4 <= len(data) and data[at] == 0xFF:
+            marker = data[at + 1]
+            if marker == 0xFF:  # fill byte
+                at += 1
+                continue
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a payload
+                at += 2
+                continue
+            if marker in _JPEG_FRAME_MARKERS:
+                if at + 9 > len(data):
+                    break
+                height, width = struct.unpack(">HH", data[at + 5 : at + 9])
+                return width, height
+            length = int.from_bytes(data[at + 2 : at + 4], "big")
+            if marker == 0xDA or length < 2:  # scan data before any frame header: malformed
+                break
+            at += 2 + length
+    raise InvalidImage(f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)")
 
 
 def _looks_like_dicom(data: bytes) -> bool:

@@ -26,12 +26,21 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
+def jpeg_header_only(width: int, height: int) -> bytes:
+    """A JPEG whose frame header (after an APP0 segment) claims width×height, and no scan data."""
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    sof0 = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + app0 + sof0 + b"\xff\xd9"
+
+
 BAD_ENCODED = {
     "empty bytes": (b"", "empty"),
     "text bytes": (b"hello, this is not an image at all" * 10, "unrecognised image format"),
     "truncated PNG": (png_bytes(synthetic_slice(128))[:200], "could not be decoded"),
     "1x1 PNG": (png_bytes(np.zeros((1, 1), np.uint8)), "at least"),
     "20000x20000 PNG": (png_header_only(20000, 20000), "at most"),
+    "60000x60000 JPEG": (jpeg_header_only(60000, 60000), "at most"),
+    "JPEG without a frame header": (b"\xff\xd8\xff\xe0\x00\x10" + b"\x00" * 14 + b"\xff\xda\x00\x08", "could not be decoded"),
     "DICOM without pixel data": (dicom_bytes(None), "no pixel data"),
 }
 

@@ -38,6 +38,18 @@ def test_prepare_gives_a_normalized_square():
     assert prepared.tensor.min() == 0.0 and prepared.tensor.max() == 1.0
 
 
+@pytest.mark.parametrize("shape", [(96, 96), (160, 160), (7, 5), (1, 1)])
+def test_normalize_stretches_between_the_same_percentiles_as_numpy(shape):
+    from gateway.preprocessing import _NORMALIZE_PERCENTILES, normalize
+
+    patch = np.random.default_rng(sum(shape)).gamma(2.0, 0.1, shape).astype(np.float32)
+    lo, hi = np.percentile(patch, _NORMALIZE_PERCENTILES)
+    expected = np.zeros(shape, np.float32) if hi - lo < 1e-6 else np.clip((patch - lo) / (hi - lo), 0, 1)
+    out = normalize(patch)
+    assert out.dtype == np.float32 and out.shape == shape
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+
+
 def test_masks_and_boxes_map_back_to_original_pixels():
     gray = np.zeros((300, 400), np.float32)
     gray[50:250, 100:300] = 0.6  # the crop is then 200×200 (plus margin)
@@ -113,3 +125,21 @@ def test_unet_mask_bbox_and_area_match_the_mapped_pixels():
             continue
         assert seg is not None and seg.area_px == ys.size
         assert seg.bbox == (xs.min(), ys.min(), xs.max() + 1.0, ys.max() + 1.0)
+
+
+def test_header_sizes_agree_with_pillow_on_real_files():
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    from gateway.preprocessing import _raster_size
+    from tests.conftest import DATA_ROOT as DATA
+
+    files = sorted((DATA / "sartaj-classification" / "Testing").rglob("*.jpg"))[::20] if DATA.is_dir() else []
+    files += [None]  # plus a PNG made here, so the check runs without the datasets too
+    for path in files:
+        data = png_bytes(synthetic_slice(70)) if path is None else Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            assert _raster_size(data) == image.size
+

@@ -31,6 +31,7 @@ DELEGATED: dict[tuple[str, str], tuple[str, bool]] = {
     ("export", "tiny"): ("export.tiny", False),
     ("bench", "triton"): ("gateway.triton_bench", False),
     ("bench", "pipeline"): ("bench.pipeline", False),
+    ("bench", "ab"): ("bench.ab", False),
 }
 SINGLE: dict[str, str] = {"triton": "gateway.triton_local"}
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Brain-MRI tumor analysis over gRPC. {DISCLAIMER}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Model lifecycle: brainscan train|evaluate|export {classifier,unet,maskrcnn} --help, "
-        "brainscan data audit --help, brainscan triton --help, brainscan bench pipeline|triton --help",
+        "brainscan data audit --help, brainscan triton --help, brainscan bench pipeline|ab|triton --help",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", "evaluate a model's ONNX file: classifier, unet or maskrcnn"),
         ("export", "export a trained model into model_repository/: classifier, unet, maskrcnn (or tiny)"),
         ("data", "dataset tools: audit"),
-        ("bench", "benchmarks: pipeline, triton"),
+        ("bench", "benchmarks: pipeline, ab (this checkout vs a git revision), triton"),
         ("triton", "run a local Triton server over model_repository/"),
     ):
         commands.add_parser(name, help=help_text, add_help=False)

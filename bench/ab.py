@@ -1,0 +1,165 @@
+"""`brainscan bench ab` / `python -m bench.ab --baseline REV`: this checkout's gateway
+against another revision's, side by side in one run.
+
+On a shared machine the speed drifts between minutes by more than a code
+change moves it, so two separate bench runs cannot settle an A/B. Here both
+gateways (embedded backend, same models, same slices) run at once:
+
+- concurrency 1: floor, this build and the baseline take turns on the same
+  slice (the order rotates), and the medians of the per-slice differences
+  to the floor are reported;
+- a higher concurrency (default 16): short windows alternate between the two
+  builds (A B A B ...), and each build's images/s is the median of its windows.
+
+The baseline revision is checked out into a temporary `git worktree`, with
+this checkout's models, and runs on this virtual environment.
+
+Research use only; not a medical device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import processes
+from bench.floor import model_inputs, open_backend, run_models
+from bench.load import GrpcAnalyze, closed_loop
+from gateway.config import PROJECT_ROOT
+from gateway.triton_bench import default_images, find_images
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="A/B the gateway of this checkout against a git revision's, interleaved in one run "
+        "(research use only; not a medical device).",
+    )
+    parser.add_argument("--baseline", required=True, help="git revision to compare against (e.g. HEAD~1, a tag, a hash)")
+    parser.add_argument("--model-repository", type=Path, default=PROJECT_ROOT / "model_repository",
+                        help="model repository both builds serve (default ./model_repository)")
+    parser.add_argument("--images", type=Path, nargs="+", default=None,
+                        help="image files or folders (default: $BRAINSCAN_DATA/sartaj-classification/Testing)")
+    parser.add_argument("--count", type=int, default=24, help="slices to cycle through (default 24)")
+    parser.add_argument("--rounds", type=int, default=60, help="concurrency-1 rounds of floor + both builds (default 60)")
+    parser.add_argument("--concurrency", type=int, default=16, help="load for the throughput windows (default 16)")
+    parser.add_argument("--windows", type=int, default=4, help="throughput windows per build (default 4)")
+    parser.add_argument("--window-s", type=float, default=8.0, help="seconds per window (default 8)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    return parser
+
+
+@contextlib.contextmanager
+def baseline_checkout(revision: str) -> Iterator[Path]:
+    """The revision's tree in a temporary git worktree, removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="brainscan-ab-"))
+    tree = folder / "tree"
+    subprocess.run(["git", "-C", str(PROJECT_ROOT), "worktree", "add", "--detach", "-q", str(tree), revision], check=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "-C", str(PROJECT_ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+
+
+def interleaved_c1(repository: Path, addresses: dict[str, str], images: list[bytes], rounds: int) -> dict[str, Any]:
+    """Per build: median over rounds of (build − floor) on the same slice, and each side's p50."""
+    backend = open_backend(repository, os.cpu_count() or 1)
+    feeds = [model_inputs(backend, data) for data in images]
+    names = list(addresses)
+
+    async def run() -> dict[str, Any]:
+        clients = {name: GrpcAnalyze(address, images) for name, address in addresses.items()}
+        times: dict[str, list[float]] = {name: [] for name in ["floor", *names]}
+        try:
+            for r in range(rounds + 3):  # the first 3 rounds warm everything up
+                item = r % len(images)
+                order = ["floor", *names]
+                order = order[r % len(order):] + order[: r % len(order)]
+                for name in order:
+                    started = time.perf_counter()
+                    if name == "floor":
+                        run_models(backend, feeds[item])
+                    else:
+                        await clients[name](0, item)
+                    if r >= 3:
+                        times[name].append((time.perf_counter() - started) * 1000.0)
+        finally:
+            for client in clients.values():
+                await client.close()
+        floor = np.asarray(times["floor"])
+        out: dict[str, Any] = {"rounds": rounds, "floor_p50_ms": round(float(np.median(floor)), 3)}
+        for name in names:
+            diff = np.asarray(times[name]) - floor
+            out[name] = {"p50_ms": round(float(np.median(times[name])), 3),
+                         "added_p50_ms": round(float(np.median(diff)), 3),
+                         "added_p90_ms": round(float(np.percentile(diff, 90)), 3)}
+        return out
+
+    try:
+        return asyncio.run(run())
+    finally:
+        asyncio.run(backend.close())
+
+
+def alternating_throughput(addresses: dict[str, str], images: list[bytes], concurrency: int,
+                           windows: int, window_s: float) -> dict[str, Any]:
+    async def run() -> dict[str, Any]:
+        clients = {name: GrpcAnalyze(address, images) for name, address in addresses.items()}
+        rates: dict[str, list[float]] = {name: [] for name in addresses}
+        try:
+            for _ in range(windows):
+                for name, client in clients.items():
+                    result = await closed_loop(client, items=len(images), concurrency=concurrency,
+                                               warmup_s=1.5, duration_s=window_s)
+                    rates[name].append(round(result.completed / result.duration_s, 3))
+        finally:
+            for client in clients.values():
+                await client.close()
+        return {name: {"windows_per_s": r, "median_per_s": round(float(np.median(r)), 3)} for name, r in rates.items()}
+
+    return asyncio.run(run())
+
+
+def main(args: argparse.Namespace) -> int:
+    repository = args.model_repository.resolve()
+    images = [p.read_bytes() for p in find_images(args.images or [default_images()], args.count)]
+    threads = str(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory(prefix="brainscan-ab-") as folder, baseline_checkout(args.baseline) as tree:
+        workdir = Path(folder)
+        (workdir / "this").mkdir()
+        (workdir / "base").mkdir()
+        base_env = {"BRAINSCAN_ORT_THREADS": threads, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'clients'}"}
+        with processes.gateway(repository, workdir / "this", env={"BRAINSCAN_ORT_THREADS": threads}) as this, \
+                processes.gateway(repository, workdir / "base", env=base_env, cwd=tree) as base:
+            addresses = {"this": this, "baseline": base}
+            print(f"concurrency 1: {args.rounds} rounds of floor, this, baseline ({args.baseline})", flush=True)
+            c1 = interleaved_c1(repository, addresses, images, args.rounds)
+            print(f"concurrency {args.concurrency}: {args.windows} windows of {args.window_s:.0f} s per build", flush=True)
+            load = alternating_throughput(addresses, images, args.concurrency, args.windows, args.window_s)
+    result = {"baseline": args.baseline, "concurrency_1": c1, f"concurrency_{args.concurrency}": load}
+    print(f"\n| build | c1 p50 ms | added p50 ms (paired) | added p90 ms | c{args.concurrency} images/s (median) |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| floor: ORT only | {c1['floor_p50_ms']:.1f} | 0.0 | 0.0 | |")
+    for name in ("this", "baseline"):
+        label = "this checkout" if name == "this" else f"baseline {args.baseline}"
+        print(f"| {label} | {c1[name]['p50_ms']:.1f} | {c1[name]['added_p50_ms']:.1f} | {c1[name]['added_p90_ms']:.1f} "
+              f"| {load[name]['median_per_s']:.2f} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))
