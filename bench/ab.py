@@ -3,7 +3,8 @@ against another revision's, side by side in one run.
 
 On a shared machine the speed drifts between minutes by more than a code
 change moves it, so two separate bench runs cannot settle an A/B. Here both
-gateways (embedded backend, same models, same slices) run at once:
+gateways (same backend, same models, same slices) run at once; with
+`--backend triton` each build also gets its own local Triton:
 
 - concurrency 1: floor, this build and the baseline take turns on the same
   slice (the order rotates), and the medians of the per-slice differences
@@ -46,6 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(research use only; not a medical device).",
     )
     parser.add_argument("--baseline", required=True, help="git revision to compare against (e.g. HEAD~1, a tag, a hash)")
+    parser.add_argument("--backend", choices=("embedded", "triton"), default="embedded",
+                        help="gateway backend for both builds (default embedded)")
     parser.add_argument("--model-repository", type=Path, default=PROJECT_ROOT / "model_repository",
                         help="model repository both builds serve (default ./model_repository)")
     parser.add_argument("--images", type=Path, nargs="+", default=None,
@@ -134,20 +137,26 @@ def main(args: argparse.Namespace) -> int:
     repository = args.model_repository.resolve()
     images = [p.read_bytes() for p in find_images(args.images or [default_images()], args.count)]
     threads = str(os.cpu_count() or 1)
-    with tempfile.TemporaryDirectory(prefix="brainscan-ab-") as folder, baseline_checkout(args.baseline) as tree:
+    with tempfile.TemporaryDirectory(prefix="brainscan-ab-") as folder, baseline_checkout(args.baseline) as tree, \
+            contextlib.ExitStack() as servers:
         workdir = Path(folder)
-        (workdir / "this").mkdir()
-        (workdir / "base").mkdir()
-        base_env = {"BRAINSCAN_ORT_THREADS": threads, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'clients'}"}
-        with processes.gateway(repository, workdir / "this", env={"BRAINSCAN_ORT_THREADS": threads}) as this, \
-                processes.gateway(repository, workdir / "base", env=base_env, cwd=tree) as base:
-            addresses = {"this": this, "baseline": base}
-            print(f"concurrency 1: {args.rounds} rounds of floor, this, baseline ({args.baseline})", flush=True)
-            c1 = interleaved_c1(repository, addresses, images, args.rounds)
-            print(f"concurrency {args.concurrency}: {args.windows} windows of {args.window_s:.0f} s per build", flush=True)
-            load = alternating_throughput(addresses, images, args.concurrency, args.windows, args.window_s)
-    result = {"baseline": args.baseline, "concurrency_1": c1, f"concurrency_{args.concurrency}": load}
-    print(f"\n| build | c1 p50 ms | added p50 ms (paired) | added p90 ms | c{args.concurrency} images/s (median) |")
+        addresses = {}
+        for name, code in (("this", None), ("baseline", tree)):
+            (workdir / name).mkdir()
+            env = {"BRAINSCAN_ORT_THREADS": threads}
+            if code is not None:
+                env["PYTHONPATH"] = f"{code}{os.pathsep}{code / 'clients'}"
+            triton_url = None
+            if args.backend == "triton":
+                triton_url = servers.enter_context(processes.local_triton(repository, workdir / name, cwd=code))
+            addresses[name] = servers.enter_context(processes.gateway(
+                repository, workdir / name, backend=args.backend, triton_url=triton_url, env=env, cwd=code))
+        print(f"concurrency 1: {args.rounds} rounds of floor, this, baseline ({args.baseline})", flush=True)
+        c1 = interleaved_c1(repository, addresses, images, args.rounds)
+        print(f"concurrency {args.concurrency}: {args.windows} windows of {args.window_s:.0f} s per build", flush=True)
+        load = alternating_throughput(addresses, images, args.concurrency, args.windows, args.window_s)
+    result = {"baseline": args.baseline, "backend": args.backend, "concurrency_1": c1, f"concurrency_{args.concurrency}": load}
+    print(f"\nbackend: {args.backend}\n| build | c1 p50 ms | added p50 ms (paired) | added p90 ms | c{args.concurrency} images/s (median) |")
     print("|---|---:|---:|---:|---:|")
     print(f"| floor: ORT only | {c1['floor_p50_ms']:.1f} | 0.0 | 0.0 | |")
     for name in ("this", "baseline"):

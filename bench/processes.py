@@ -97,6 +97,27 @@ def gateway(
 
 
 @contextlib.contextmanager
+def local_triton(repository: Path, workdir: Path, *, cwd: Path | None = None) -> Iterator[str]:
+    """`brainscan triton` (the code under `cwd`, default this checkout) on free ports; yields its gRPC address."""
+    log_path = workdir / "triton.log"
+    command = [sys.executable, "-m", "gateway.triton_local", "--model-repository", str(repository),
+               "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+    process = _spawn(command, log_path, None, cwd)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            ready = [line for line in log_path.read_text(errors="replace").splitlines() if "Triton ready on grpc " in line]
+            if ready:
+                yield ready[0].split("Triton ready on grpc ")[1].split(",")[0]
+                return
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise ServerFailed(f"local Triton did not start:\n{_tail(log_path)}")
+            time.sleep(0.5)
+    finally:
+        _stop(process)
+
+
+@contextlib.contextmanager
 def naive_server(repository: Path, runs: Path, workdir: Path) -> Iterator[tuple[str, int]]:
     """bench.naive_server (Keras + a PyTorch worker process) on a free port; yields (host, port)."""
     port = free_port()
