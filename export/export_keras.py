@@ -229,7 +229,10 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
         f"Keras 3 (TensorFlow backend), from scratch (no pretrained weights). Input S={result.size}: "
         "`gateway.preprocessing.prepare` (brain crop, resize, percentile normalize) exactly as served. "
         "On-batch augmentation: horizontal flip, rotation ±15°, scale 0.85-1.15, shift ±8%, gamma 0.7-1.5, "
-        "contrast 0.75-1.3, brightness ±0.08, Gaussian noise. AdamW "
+        "contrast 0.75-1.3, brightness ±0.08, Gaussian noise"
+        + (f"; for {float(args['intensity_remap']):.0%} of the images first a random piecewise-linear intensity curve "
+           "(6 knots, not monotonic: a stand-in for other MRI sequences)" if args.get("intensity_remap") else "")
+        + ". AdamW "
         f"(lr {args.get('lr')}, weight decay {args.get('weight_decay')}), 2-epoch warm-up then cosine decay, "
         f"batch {args.get('batch_size')}, up to {args.get('epochs')} epochs within a wall-clock budget of "
         f"{args.get('time_budget_min')} min (0 = none; the cosine schedule is stretched to the epochs that fit), "

@@ -34,6 +34,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train the 4-class brain-MRI classifier (Keras, from scratch).")
     train_common.add_common_args(parser, model=MODEL, size=112, epochs=18, batch=32, lr=2e-3)
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
+    parser.add_argument("--intensity-remap", type=float, default=0.0,
+                        help="share of training images passed through a random intensity curve, "
+                        "a stand-in for other MRI sequences (default 0 = off)")
     parser.add_argument("--dropout", type=float, default=0.3, help="dropout before the classifier head")
     parser.add_argument("--widths", type=str, default="24,32,64,128", help="channels per stage, comma-separated")
     parser.add_argument("--depths", type=str, default="1,1,2,2", help="residual blocks per stage, comma-separated")
@@ -149,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
         tf.data.Dataset.from_tensor_slices((x_train, y_train, w_train))
         .shuffle(len(x_train), seed=args.seed, reshuffle_each_iteration=True)
         .batch(args.batch_size, drop_remainder=True)
-        .map(lambda x, y, w: (train_common.augment_batch(x), y, w))
+        .map(lambda x, y, w: (train_common.augment_batch(x, remap=args.intensity_remap), y, w))
         .prefetch(1)
         .with_options(options)
     )

@@ -177,12 +177,13 @@ def budget_callback(schedule, *, budget_minutes: float, steps_per_epoch: int, ma
 
 
 def augment_batch(images, masks=None, *, rotation_deg: float = 15.0, scale: tuple[float, float] = (0.85, 1.15),
-                  shift: float = 0.08, flip: bool = True, intensity: bool = True):
+                  shift: float = 0.08, flip: bool = True, intensity: bool = True, remap: float = 0.0):
     """Random affine (flip, rotation, scale, shift) + intensity jitter on a training batch.
 
     Masks (if given) get the same geometry and are re-binarized; intensity
     changes (gamma, contrast, brightness, noise) touch the image only. Output
-    stays in [0, 1] like the gateway's tensors.
+    stays in [0, 1] like the gateway's tensors. With `remap` > 0, that share
+    of the images first goes through a random intensity curve (below).
     """
     import tensorflow as tf
 
@@ -208,6 +209,8 @@ def augment_batch(images, masks=None, *, rotation_deg: float = 15.0, scale: tupl
         interpolation="BILINEAR", fill_mode="CONSTANT",
     )
     out_images = warped[..., :1]
+    if remap > 0:
+        out_images = random_intensity_curve(out_images, remap)
     if intensity:
         gamma = tf.exp(tf.random.uniform([n, 1, 1, 1], math.log(0.7), math.log(1.5)))
         out_images = tf.pow(tf.clip_by_value(out_images, 1e-6, 1.0), gamma)
@@ -219,6 +222,29 @@ def augment_batch(images, masks=None, *, rotation_deg: float = 15.0, scale: tupl
     if masks is None:
         return out_images
     return out_images, tf.cast(warped[..., 1:] >= 0.5, tf.float32)
+
+
+def random_intensity_curve(images, probability: float, points: int = 6):
+    """Map each picked image's intensities through a random piecewise-linear curve through (0, 0).
+
+    The curve need not be monotonic, so tissues swap brightness the way they do
+    between MRI sequences (T1, T1 with contrast, T2, FLAIR): the model has to
+    rely on shape and texture more than on one sequence's contrast. Black
+    background stays black.
+    """
+    import tensorflow as tf
+
+    n = tf.shape(images)[0]
+    knots = tf.concat([tf.zeros([n, 1]), tf.random.uniform([n, points - 1])], axis=1)  # curve value at i/(points-1)
+    position = tf.clip_by_value(images, 0.0, 1.0) * (points - 1)
+    index = tf.minimum(tf.cast(tf.floor(position), tf.int32), points - 2)
+    frac = position - tf.cast(index, tf.float32)
+    flat = tf.reshape(index, [n, -1])
+    low = tf.reshape(tf.gather(knots, flat, batch_dims=1), tf.shape(images))
+    high = tf.reshape(tf.gather(knots, flat + 1, batch_dims=1), tf.shape(images))
+    curved = low + (high - low) * frac
+    picked = tf.random.uniform([n, 1, 1, 1]) < probability
+    return tf.where(picked, curved, images)
 
 
 def progress_callback(desc: str):

@@ -87,7 +87,7 @@ def test_training_smoke_then_export_with_parity(tmp_path: Path) -> None:
     from gateway.contract import load_model_spec
 
     common = ["--data", str(DATA_ROOT), "--limit", "24", "--epochs", "1", "--size", "32", "--batch-size", "8"]
-    assert train_classifier.main(_args(train_classifier, common + ["--widths", "8,8,8,8", "--depths", "1,1,1,1", "--out", str(tmp_path / "clf")])) == 0
+    assert train_classifier.main(_args(train_classifier, common + ["--widths", "8,8,8,8", "--depths", "1,1,1,1", "--intensity-remap", "0.5", "--out", str(tmp_path / "clf")])) == 0
     assert train_unet.main(_args(train_unet, common + ["--base-filters", "4", "--levels", "2", "--out", str(tmp_path / "unet")])) == 0
     for model, run in (("classifier", "clf"), ("unet", "unet")):
         run_dir = tmp_path / run
@@ -126,3 +126,21 @@ def test_partial_label_loss_is_cross_entropy_for_labels_and_tumor_mass_for_weak_
     probs = np.array([[0.6, 0.1, 0.2, 0.1], [0.1, 0.1, 0.7, 0.1], [0.2, 0.1, 0.6, 0.1]], np.float32)
     loss = ops.convert_to_numpy(partial_label_loss(0.0)(allowed, probs))
     np.testing.assert_allclose(loss, [-np.log(0.6), -np.log(0.7), -np.log(1 - 0.6)], rtol=1e-5)
+
+
+def test_random_intensity_curve_keeps_background_black_and_can_swap_tissue_brightness() -> None:
+    import tensorflow as tf
+
+    from export.train_common import random_intensity_curve
+
+    tf.random.set_seed(3)
+    images = np.zeros((64, 8, 8, 1), np.float32)
+    images[:, :4] = 0.3  # a darker tissue
+    images[:, 4:6] = 0.7  # a brighter one; rows 6-7 stay background
+    curved = random_intensity_curve(tf.constant(images), 1.0).numpy()
+    assert curved.min() >= 0.0 and curved.max() <= 1.0
+    assert np.all(curved[:, 6:] == 0.0)  # background
+    dark, bright = curved[:, 0, 0, 0], curved[:, 4, 0, 0]
+    assert (dark > bright).any() and (dark < bright).any()  # contrast flips in some images, not all
+    untouched = random_intensity_curve(tf.constant(images), 0.0).numpy()
+    assert np.array_equal(untouched, images)
