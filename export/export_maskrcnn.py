@@ -234,10 +234,21 @@ def _training_chain(train_args: dict) -> str:
         rows = list(csv.DictReader((run_dir / "log.csv").open())) if (run_dir / "log.csv").is_file() else []
         minutes = f"{float(rows[-1]['elapsed_s']) / 60:.0f} min, {rows[-1]['epoch']} epochs" if rows else "length unknown"
         lines.append(
-            f"`{init}`: lr {stage.get('lr')}, negatives x{stage.get('negative_repeat', 1)}, {minutes}, "
+            f"`{init}`: lr {stage.get('lr')}, negatives x{stage.get('negative_repeat', 1)}"
+            + (f", hard negatives +{stage['hard_negative_repeat']}" if stage.get("hard_negative_repeat") else "")
+            + f", {minutes}, "
             f"{'fine-tuned from the next' if stage.get('init') else 'trained from scratch'}"
         )
     return (" Weights grew through: " + "; ".join(lines) + ".") if lines else ""
+
+
+def _mined(train_args: dict) -> bool:
+    """Whether this run or one it was fine-tuned from mined hard negatives."""
+    from export.train_common import init_chain
+
+    stages = [train_args] + [json.loads((d / "args.json").read_text()) for _, d in init_chain(train_args.get("init"))
+                             if (d / "args.json").is_file()]
+    return any(stage.get("hard_negative_repeat") for stage in stages)
 
 
 def _card_sections(config: MaskRCNNConfig, state: dict, facts: dict, args: argparse.Namespace) -> dict[str, str]:
@@ -265,7 +276,11 @@ def _card_sections(config: MaskRCNNConfig, state: dict, facts: dict, args: argpa
         "Training data": (
             "br35h-polygons/train and ruslan-kl-polygons/train (one instance per VIA polygon/circle/ellipse region) plus "
             "sartaj-classification/Training/no_tumor as negatives (drawn `negative_repeat` times per epoch, each "
-            "draw augmented afresh), all through the gateway's `prepare()`; near-duplicates "
+            "draw augmented afresh"
+            + ("; hard-negative mining with `hard_negative_repeat`: before every epoch the current model scores each "
+               "training negative, and those with a detection ≥ `hard_negative_score` are drawn that many times more"
+               if _mined(train_args) else "")
+            + "), all through the gateway's `prepare()`; near-duplicates "
             "of any evaluation image dropped (export/eval_subsets.json). ruslan-kl-polygons/val used for per-epoch "
             "monitoring and the parity check only (the final, annealed checkpoint `last.pt` is the one exported). Augmentation: left-right flip, ±12° rotation, 0.85-1.15 scale, "
             "±6% shift, gamma/contrast/brightness jitter, Gaussian noise."
