@@ -175,14 +175,14 @@ class Pipeline:
             by_label = await self._classify(inputs, deadline, watch)
             tumor_detected = 1.0 - by_label[NO_TUMOR] >= self.config.tumor_threshold
             segment, detect = tumor_detected and options.segment, tumor_detected and options.detect
-            segmentation, instances = await asyncio.gather(
+            segmentation, instances = await _all(
                 self._segment(inputs, deadline, watch) if segment else _value(None),
                 self._detect(inputs, deadline, watch) if detect else _value([]),
             )
         else:
             segment, detect = options.segment, options.detect
-            # gather starts its tasks in this order: the Mask R-CNN, whose tensor is already prepared, first.
-            instances, by_label, segmentation = await asyncio.gather(
+            # The tasks start in this order: the Mask R-CNN, whose tensor is already prepared, first.
+            instances, by_label, segmentation = await _all(
                 self._detect(inputs, deadline, watch) if detect else _value([]),
                 self._classify(inputs, deadline, watch),
                 self._segment(inputs, deadline, watch) if segment else _value(None),
@@ -301,6 +301,17 @@ def _label(probabilities: dict[str, float], tumor_detected: bool) -> str:
 
 async def _value(value):
     return value
+
+
+async def _all(*steps):
+    """Run the steps concurrently; when one fails, cancel the rest (no model runs for a lost request)."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 def _remaining(deadline: float | None, loop: asyncio.AbstractEventLoop, stage: str) -> float | None:

@@ -212,3 +212,27 @@ def test_random_input_always_gets_a_proper_status(ops_gateway, payload, shape, d
             )
             assert error.details() and "Traceback" not in error.details()
         assert stub.Analyze(pb.AnalyzeRequest(encoded=valid), timeout=30).label
+
+
+def test_a_failing_step_cancels_its_siblings():
+    """When one model call of a request fails, the request's other calls are cancelled, not left running."""
+    from gateway.pipeline import _all
+
+    async def scenario() -> asyncio.Task:
+        started = asyncio.Event()
+
+        async def slow() -> None:
+            started.set()
+            await asyncio.sleep(30)
+
+        async def failing() -> None:
+            await started.wait()
+            raise DeadlineExceeded("deadline exceeded before the unet stage")
+
+        slow_task = asyncio.ensure_future(slow())
+        with pytest.raises(DeadlineExceeded):
+            await _all(slow_task, failing())
+        await asyncio.sleep(0)
+        return slow_task
+
+    assert asyncio.run(scenario()).cancelled()
