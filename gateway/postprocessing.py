@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from gateway.preprocessing import PreparedImage, boxes_to_original, mask_to_original
+from gateway.preprocessing import PreparedImage, boxes_to_original, mask_in_crop
 
 
 @dataclass(frozen=True)
@@ -58,18 +58,22 @@ def segmentation_from_unet(
     threshold: float,
     spacing: tuple[float, float] | None,
 ) -> SegmentationResult | None:
-    """U-Net probabilities (S×S) → the tumor mask in original pixels, or None when empty."""
-    full = mask_to_original(probabilities, prepared) >= threshold
-    pixels = full.view(np.uint8)
+    """U-Net probabilities (S×S) → the tumor mask in original pixels, or None when empty.
+
+    Worked on the brain crop only (nothing outside it can be set), then offset to original pixels.
+    """
+    inside = mask_in_crop(probabilities, prepared) >= threshold
+    pixels = inside.view(np.uint8)
     area = int(cv2.countNonZero(pixels))
     if area == 0:
         return None
     left, top, width, height = cv2.boundingRect(pixels)  # of the non-zero pixels; 10x faster than np.nonzero
-    right, bottom = left + width, top + height
+    mask = encode_region(inside, left, top, left + width, top + height)
+    x0, y0 = prepared.crop.x0, prepared.crop.y0
     return SegmentationResult(
-        mask=encode_region(full, left, top, right, bottom),
+        mask=MaskRegion(left=left + x0, top=top + y0, width=width, height=height, png=mask.png),
         area_px=area,
-        bbox=(float(left), float(top), float(right), float(bottom)),
+        bbox=(float(left + x0), float(top + y0), float(left + x0 + width), float(top + y0 + height)),
         area_mm2=area_mm2(area, spacing),
     )
 
@@ -91,20 +95,22 @@ def instances_from_maskrcnn(
     if keep.size == 0:
         return []
     mapped = boxes_to_original(boxes[keep], prepared, grid_size)
-    height, width = prepared.original_shape
+    crop = prepared.crop
     instances = []
     for box, index in zip(mapped, keep):
-        full = mask_to_original(masks[index, 0], prepared) >= mask_threshold
-        left, top = int(np.floor(box[0])), int(np.floor(box[1]))
-        right, bottom = min(width, int(np.ceil(box[2]))), min(height, int(np.ceil(box[3])))
+        # The box lies inside the crop (the grid covers exactly the crop): work in crop pixels.
+        inside = mask_in_crop(masks[index, 0], prepared) >= mask_threshold
+        left, top = max(crop.x0, int(np.floor(box[0]))), max(crop.y0, int(np.floor(box[1])))
+        right, bottom = min(crop.x1, int(np.ceil(box[2]))), min(crop.y1, int(np.ceil(box[3])))
         if right <= left or bottom <= top:
             continue
-        area = int(cv2.countNonZero(full[top:bottom, left:right].view(np.uint8)))
+        region = encode_region(inside, left - crop.x0, top - crop.y0, right - crop.x0, bottom - crop.y0)
+        area = int(cv2.countNonZero(inside[top - crop.y0 : bottom - crop.y0, left - crop.x0 : right - crop.x0].view(np.uint8)))
         instances.append(
             InstanceResult(
                 box=tuple(float(v) for v in box),
                 score=float(scores[index]),
-                mask=encode_region(full, left, top, right, bottom),
+                mask=MaskRegion(left=left, top=top, width=right - left, height=bottom - top, png=region.png),
                 area_px=area,
                 area_mm2=area_mm2(area, spacing),
             )

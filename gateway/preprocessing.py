@@ -183,14 +183,17 @@ def prepare(gray: np.ndarray, size: int, *, crop: CropBox | None = None) -> Prep
     return PreparedImage(tensor=normalize(resized), crop=crop, original_shape=gray.shape[:2])
 
 
-def mask_to_original(mask: np.ndarray, prepared: PreparedImage) -> np.ndarray:
-    """Map a size×size (float or bool) mask from the model grid to original pixels."""
+def mask_in_crop(mask: np.ndarray, prepared: PreparedImage) -> np.ndarray:
+    """Map a size×size (float or bool) mask from the model grid to the brain crop's pixels."""
     crop = prepared.crop
-    resized = cv2.resize(
-        mask.astype(np.float32), (crop.width, crop.height), interpolation=cv2.INTER_LINEAR
-    )
+    return cv2.resize(mask.astype(np.float32, copy=False), (crop.width, crop.height), interpolation=cv2.INTER_LINEAR)
+
+
+def mask_to_original(mask: np.ndarray, prepared: PreparedImage) -> np.ndarray:
+    """Map a size×size (float or bool) mask from the model grid to original pixels (zero outside the crop)."""
+    crop = prepared.crop
     full = np.zeros(prepared.original_shape, dtype=np.float32)
-    full[crop.y0 : crop.y1, crop.x0 : crop.x1] = resized
+    full[crop.y0 : crop.y1, crop.x0 : crop.x1] = mask_in_crop(mask, prepared)
     return full
 
 
