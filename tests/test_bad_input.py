@@ -101,7 +101,8 @@ def test_oversized_request_is_refused_with_a_clear_status(gateway):
 
 @pytest.fixture(scope="module")
 def permissive_gateway(tiny_repository, tmp_path_factory):
-    """Mask threshold 0: every pixel is tumor, so areas are known exactly whatever the random weights say."""
+    """Mask threshold 0: every pixel of the brain crop is tumor, so areas are known exactly whatever the random
+    weights say (nothing outside the crop, which the models never see)."""
     gateway = start_gateway(
         tiny_repository, tmp_path_factory.mktemp("logs"), env={"BRAINSCAN_MASK_THRESHOLD": "0"}
     )
@@ -115,8 +116,10 @@ def test_dicom_with_pixel_spacing_reports_areas_in_mm2(permissive_gateway):
         result = client.analyze(dicom_bytes(pixels[:, :100], spacing=(0.5, 0.8)), gate=False, detect=False)
         plain = client.analyze(pixels[:, :100], gate=False, detect=False)
     assert result.image_size == (128, 100)
-    assert result.mask is not None and result.mask.all()
-    assert result.segmentation_area_px == 128 * 100
-    assert result.segmentation_bbox == (0.0, 0.0, 100.0, 128.0)
-    assert result.segmentation_area_mm2 == pytest.approx(128 * 100 * 0.5 * 0.8, rel=1e-6)
+    assert result.mask is not None
+    x0, y0, x1, y1 = (int(v) for v in result.segmentation_bbox)
+    area = (x1 - x0) * (y1 - y0)
+    assert result.mask[y0:y1, x0:x1].all() and int(result.mask.sum()) == result.segmentation_area_px == area
+    assert area >= 0.5 * 128 * 100  # the head fills most of the frame
+    assert result.segmentation_area_mm2 == pytest.approx(area * 0.5 * 0.8, rel=1e-6)
     assert plain.segmentation_area_mm2 is None  # no spacing without DICOM
