@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import time
 from functools import partial
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -303,7 +305,7 @@ async def _value(value):
     return value
 
 
-async def _all(*steps):
+async def _all(*steps: Awaitable[Any]) -> list[Any]:
     """Run the steps concurrently; when one fails, cancel the rest (no model runs for a lost request)."""
     tasks = [asyncio.ensure_future(step) for step in steps]
     try:
