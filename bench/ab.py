@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -134,6 +135,12 @@ def alternating_throughput(addresses: dict[str, str], images: list[bytes], concu
 
 
 def main(args: argparse.Namespace) -> int:
+    known = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "--verify", "--quiet", f"{args.baseline}^{{commit}}"],
+                           capture_output=True, text=True)
+    if known.returncode != 0:
+        print(f"bench ab: {args.baseline!r} is not a commit of this repository (try HEAD~1, a tag or a hash)",
+              file=sys.stderr)
+        return 2
     repository = args.model_repository.resolve()
     images = [p.read_bytes() for p in find_images(args.images or [default_images()], args.count)]
     threads = str(os.cpu_count() or 1)

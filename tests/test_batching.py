@@ -172,3 +172,35 @@ def test_bench_quick_smoke(tiny_repository: Path, tmp_path: Path) -> None:
     assert paired["pairs"] == 8 and paired["floor_p50_ms"] > 0 and paired["gateway_p50_ms"] > 0
     assert data["targets"]["embedded.added_p50_ms_c1"]["value"] == paired["added_p50_ms"]
     assert "Paired at concurrency 1" in result.stdout
+
+
+def test_bench_ab_smoke(tiny_repository: Path, tmp_path: Path) -> None:
+    """`python -m bench.ab` serves this checkout and HEAD side by side and reports both."""
+    inside_git = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True)
+    if inside_git.returncode != 0:
+        pytest.skip("bench ab compares git revisions; this checkout is not a git repository")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        (images / f"slice-{i}.png").write_bytes(png_bytes(synthetic_slice(200, seed=i)))
+    out = tmp_path / "ab.json"
+    command = [
+        sys.executable, "-m", "bench.ab", "--baseline", "HEAD", "--model-repository", str(tiny_repository),
+        "--images", str(images), "--rounds", "3", "--windows", "1", "--window-s", "1", "--concurrency", "2",
+        "--out", str(out),
+    ]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| baseline HEAD |" in result.stdout and "| this checkout |" in result.stdout
+    data = json.loads(out.read_text())
+    for build in ("this", "baseline"):
+        assert data["concurrency_1"][build]["p50_ms"] > 0
+        assert data["concurrency_2"][build]["median_per_s"] > 0
+    worktrees = subprocess.run(["git", "-C", str(PROJECT_ROOT), "worktree", "list"], capture_output=True, text=True)
+    assert "brainscan-ab-" not in worktrees.stdout  # the baseline checkout is removed afterwards
+
+
+def test_bench_ab_refuses_an_unknown_revision() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.ab", "--baseline", "no-such-revision-xyz"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "is not a commit" in result.stderr
