@@ -28,7 +28,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from bench import processes
-from bench.floor import model_inputs, open_backend, run_models
 from bench.load import GrpcAnalyze, closed_loop
+from bench.paired import added_latency, alternating_calls
 from gateway.config import PROJECT_ROOT
 from gateway.triton_bench import default_images, find_images
 
@@ -77,42 +76,12 @@ def baseline_checkout(revision: str) -> Iterator[Path]:
 
 def interleaved_c1(repository: Path, addresses: dict[str, str], images: list[bytes], rounds: int) -> dict[str, Any]:
     """Per build: median over rounds of (build − floor) on the same slice, and each side's p50."""
-    backend = open_backend(repository, os.cpu_count() or 1)
-    feeds = [model_inputs(backend, data) for data in images]
-    names = list(addresses)
-
-    async def run() -> dict[str, Any]:
-        clients = {name: GrpcAnalyze(address, images) for name, address in addresses.items()}
-        times: dict[str, list[float]] = {name: [] for name in ["floor", *names]}
-        try:
-            for r in range(rounds + 3):  # the first 3 rounds warm everything up
-                item = r % len(images)
-                order = ["floor", *names]
-                order = order[r % len(order):] + order[: r % len(order)]
-                for name in order:
-                    started = time.perf_counter()
-                    if name == "floor":
-                        run_models(backend, feeds[item])
-                    else:
-                        await clients[name](0, item)
-                    if r >= 3:
-                        times[name].append((time.perf_counter() - started) * 1000.0)
-        finally:
-            for client in clients.values():
-                await client.close()
-        floor = np.asarray(times["floor"])
-        out: dict[str, Any] = {"rounds": rounds, "floor_p50_ms": round(float(np.median(floor)), 3)}
-        for name in names:
-            diff = np.asarray(times[name]) - floor
-            out[name] = {"p50_ms": round(float(np.median(times[name])), 3),
-                         "added_p50_ms": round(float(np.median(diff)), 3),
-                         "added_p90_ms": round(float(np.percentile(diff, 90)), 3)}
-        return out
-
-    try:
-        return asyncio.run(run())
-    finally:
-        asyncio.run(backend.close())
+    times = alternating_calls(repository, addresses, images, threads=os.cpu_count() or 1, rounds=rounds, warmup=3,
+                              rotate=True)
+    out: dict[str, Any] = {"rounds": rounds, "floor_p50_ms": round(float(np.median(times["floor"])), 3)}
+    for name in addresses:
+        out[name] = added_latency(times, name)
+    return out
 
 
 def alternating_throughput(addresses: dict[str, str], images: list[bytes], concurrency: int,

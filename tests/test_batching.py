@@ -144,12 +144,17 @@ def _analyze_concurrently(address: str, images: list[bytes]) -> list[pb.AnalyzeR
     return asyncio.run(run())
 
 
+def slice_folder(folder: Path, count: int, size: int) -> Path:
+    """`count` synthetic PNG slices in a new `folder`, for a bench's --images."""
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"slice-{i}.png").write_bytes(png_bytes(synthetic_slice(size, seed=i)))
+    return folder
+
+
 def test_bench_quick_smoke(tiny_repository: Path, tmp_path: Path) -> None:
     """`python -m bench.pipeline --quick` on the floor and the embedded gateway writes comparable JSON."""
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(3):
-        (images / f"slice-{i}.png").write_bytes(png_bytes(synthetic_slice(224, seed=i)))
+    images = slice_folder(tmp_path / "images", 3, 224)
     out = tmp_path / "results"
     command = [
         sys.executable, "-m", "bench.pipeline", "--quick", "--systems", "floor,embedded",
@@ -179,10 +184,7 @@ def test_bench_ab_smoke(tiny_repository: Path, tmp_path: Path) -> None:
     inside_git = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True)
     if inside_git.returncode != 0:
         pytest.skip("bench ab compares git revisions; this checkout is not a git repository")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(2):
-        (images / f"slice-{i}.png").write_bytes(png_bytes(synthetic_slice(200, seed=i)))
+    images = slice_folder(tmp_path / "images", 2, 200)
     out = tmp_path / "ab.json"
     command = [
         sys.executable, "-m", "bench.ab", "--baseline", "HEAD", "--model-repository", str(tiny_repository),
