@@ -224,13 +224,18 @@ def _int8_sentence(facts: dict) -> str:
     )
 
 
-def _training_chain(train_args: dict) -> str:
-    """A fine-tuning run (--init) names the runs it grew from, back to the one trained from scratch."""
+def _earlier_stages(train_args: dict) -> list[tuple[str, Path, dict]]:
+    """(checkpoint, run folder, its arguments) for each run a fine-tuning run (--init) grew from."""
     from export.train_common import init_chain
 
+    return [(init, run_dir, json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").is_file() else {})
+            for init, run_dir in init_chain(train_args.get("init"))]
+
+
+def _training_chain(train_args: dict) -> str:
+    """A fine-tuning run (--init) names the runs it grew from, back to the one trained from scratch."""
     lines = []
-    for init, run_dir in init_chain(train_args.get("init")):
-        stage = json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").is_file() else {}
+    for init, run_dir, stage in _earlier_stages(train_args):
         rows = list(csv.DictReader((run_dir / "log.csv").open())) if (run_dir / "log.csv").is_file() else []
         minutes = f"{float(rows[-1]['elapsed_s']) / 60:.0f} min, {rows[-1]['epoch']} epochs" if rows else "length unknown"
         lines.append(
@@ -244,10 +249,7 @@ def _training_chain(train_args: dict) -> str:
 
 def _mined(train_args: dict) -> bool:
     """Whether this run or one it was fine-tuned from mined hard negatives."""
-    from export.train_common import init_chain
-
-    stages = [train_args] + [json.loads((d / "args.json").read_text()) for _, d in init_chain(train_args.get("init"))
-                             if (d / "args.json").is_file()]
+    stages = [train_args] + [stage for _, _, stage in _earlier_stages(train_args)]
     return any(stage.get("hard_negative_repeat") for stage in stages)
 
 
