@@ -19,7 +19,7 @@ import pytest
 from bench.processes import batch_histograms
 from brainscan.v1 import brainscan_pb2 as pb
 from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
-from gateway.backends.embedded import EmbeddedBackend
+from gateway.backends.embedded import EmbeddedBackend, ThreadBudget
 from tests.conftest import PROJECT_ROOT, png_bytes, start_gateway, stop_gateway, synthetic_slice
 
 
@@ -49,6 +49,37 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows(tiny_repositor
                 assert max(histogram) > 1, histogram
                 assert max(histogram) <= 8, histogram
                 assert sum(size * count for size, count in histogram.items()) == 24
+        finally:
+            await backend.close()
+
+    _run(scenario())
+
+
+def test_thread_budget_gives_every_core_to_a_lone_run_and_to_the_slowest_model() -> None:
+    budget = ThreadBudget(wide=4, shared=2)
+    budget.slowest = "maskrcnn"
+    first = budget.take("classifier")
+    assert first == 4  # nothing else in flight
+    assert budget.take("unet") == 2  # overlaps the classifier
+    assert budget.take("maskrcnn") == 4  # the critical path keeps every core
+    for threads in (first, 2, 4):
+        budget.give(threads)
+    assert budget.take("unet") == 4  # all given back: alone again
+
+
+def test_wide_and_shared_sessions_of_a_model_agree(tiny_repository: Path) -> None:
+    async def scenario() -> None:
+        backend = EmbeddedBackend(tiny_repository, threads=2, batch_max_delay_ms=0)
+        await backend.start()
+        try:
+            assert backend.budget.slowest in backend.specs  # measured by the warm-up runs
+            backend.budget.slowest = None  # whichever tiny model was slowest, unet runs shared below
+            x = _inputs(backend.specs["unet"].input_size, 1)[0]
+            wide = backend.run_session("unet", {"image": x})["mask"]  # alone: the wide session
+            backend.budget.take("classifier")  # another run in flight: the next unet run is shared
+            shared = backend.run_session("unet", {"image": x})["mask"]
+            np.testing.assert_allclose(shared, wide, rtol=1e-5, atol=1e-6)
+            assert {backend.budget.wide, backend.budget.shared} == {2, 1}
         finally:
             await backend.close()
 

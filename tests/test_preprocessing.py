@@ -110,6 +110,24 @@ def test_colour_decodes_to_the_rgb_luminance_of_the_array():
     np.testing.assert_allclose(decode_image(png.tobytes()).pixels, expected, atol=1e-5)
 
 
+def test_gray_saved_as_colour_decodes_like_its_luminance_and_one_odd_pixel_counts():
+    import cv2
+
+    rng = np.random.default_rng(4)
+    gray = rng.integers(0, 256, (40, 56), dtype=np.uint8)
+    colour = np.repeat(gray[:, :, None], 4, axis=2)  # B = G = R (alpha ignored)
+    np.testing.assert_allclose(to_unit_gray(colour, bgr=True), gray / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(to_unit_gray(gray), gray.astype(np.float32) / 255.0)
+    colour[7, 9, 0] = 255 - colour[7, 9, 0]  # no longer gray: the luminance formula applies
+    expected = (colour[:, :, :3].astype(np.float64) @ [0.114, 0.587, 0.299]) / 255.0
+    np.testing.assert_allclose(to_unit_gray(colour, bgr=True), expected, atol=1e-5)
+    ok, jpeg = cv2.imencode(".jpg", np.repeat(gray[:, :, None], 3, axis=2))
+    assert ok
+    decoded = cv2.imdecode(jpeg, cv2.IMREAD_UNCHANGED)
+    assert decoded.ndim == 3  # a colour JPEG of a gray slice, as most of the datasets' files are
+    np.testing.assert_allclose(decode_image(jpeg.tobytes()).pixels, decoded[:, :, 0] / 255.0, atol=1e-6)
+
+
 def test_unet_mask_bbox_and_area_match_the_mapped_pixels():
     rng = np.random.default_rng(5)
     gray = np.zeros((97, 131), np.float32)

@@ -4,12 +4,22 @@ Models that batch (max_batch_size > 0) go through a `MicroBatcher`: requests
 that arrive together share one session call (up to `batch_max_size` rows,
 waiting at most `batch_max_delay_ms` for company; 0 turns batching off).
 `batch_stats()` reports the batch sizes actually formed, per model.
+
+On the CPU each model has two sessions: a wide one with every ORT thread and a
+shared one with the cores split between the runs that may overlap. A run takes
+the wide session when no other run is in flight, or when its model is the
+slowest (the Mask R-CNN: it is the critical path); runs that overlap it take
+the shared one. One run alone gets every core; overlapping runs do not
+oversubscribe them, and a single-thread run does more work per core-second
+(measured on 2 cores: classifier 5.0 ms with 2 threads vs 6.2 ms with 1, so
+10 vs 6.2 core-ms).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -51,15 +61,16 @@ class EmbeddedBackend:
         self.batch_max_delay_ms = batch_max_delay_ms
         self.specs: dict[str, ModelSpec] = {}
         self.stats: dict[str, BatchStats] = {}  # model role → batch sizes formed (metrics hook here)
-        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._sessions: dict[str, dict[int, ort.InferenceSession]] = {}  # role → intra-op threads → session
         self._batchers: dict[str, MicroBatcher] = {}
         # ORT releases the GIL while it runs, so a thread pool keeps the event loop free. Two runs may
-        # overlap even when each asks for every core: one run alone leaves gaps (thread hand-offs,
-        # no spinning) that the other fills. Measured on 2 cores at concurrency 16: 27 images/s with
-        # two overlapping runs, 19-20 with one (BRAINSCAN_ORT_CONCURRENT_RUNS overrides).
-        self._executor = executor or ThreadPoolExecutor(
-            max_workers=concurrent or concurrent_runs(threads, _providers()), thread_name_prefix="ort"
-        )
+        # overlap: one run alone leaves gaps (thread hand-offs, no spinning) that the other fills.
+        # Measured on 2 cores at concurrency 16: 27 images/s with two overlapping runs, 19-20 with one
+        # (BRAINSCAN_ORT_CONCURRENT_RUNS overrides). The budget picks each run's session width.
+        runs = concurrent or concurrent_runs(threads, _providers())
+        self._executor = executor or ThreadPoolExecutor(max_workers=runs, thread_name_prefix="ort")
+        shared = max(1, threads // runs) if "CUDAExecutionProvider" not in _providers() else threads
+        self.budget = ThreadBudget(wide=threads, shared=shared)
 
     @property
     def batching(self) -> bool:
@@ -67,18 +78,20 @@ class EmbeddedBackend:
 
     async def start(self) -> None:
         self.specs = load_repository(self.repository)
+        warmup_s: dict[str, float] = {}
         for role, spec in self.specs.items():
             if not spec.onnx_path.is_file():
                 raise ContractError(f"model {spec.name!r}: {spec.onnx_path} is missing")
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            # No spin-waiting: several calls and the pre/post pool share the cores, and spinning
-            # threads starve them (measured 1.6-2x slower per call on 2 busy cores).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = ort.InferenceSession(str(spec.onnx_path), options, providers=_providers())
-            check_session_against_spec(session, spec)
-            self._sessions[role] = session
+            self._sessions[role] = {
+                threads: _open_session(spec, threads) for threads in sorted({self.budget.wide, self.budget.shared})
+            }
+            for threads, session in self._sessions[role].items():
+                check_session_against_spec(session, spec)
+                # A first run allocates ORT's buffers; do it now, not on a caller's request.
+                started = time.perf_counter()
+                session.run(None, _warmup_inputs(spec))
+                if threads == self.budget.wide:
+                    warmup_s[role] = time.perf_counter() - started
             self.stats[role] = BatchStats(model=role)
             if self.batching and spec.max_batch_size > 0:
                 self._batchers[role] = MicroBatcher(
@@ -88,6 +101,7 @@ class EmbeddedBackend:
                     max_delay_s=self.batch_max_delay_ms / 1000.0,
                     stats=self.stats[role],
                 )
+        self.budget.slowest = max(warmup_s, key=warmup_s.__getitem__) if warmup_s else None
 
     async def infer(
         self, model: str, inputs: dict[str, np.ndarray], *, timeout_s: float | None = None
@@ -105,11 +119,11 @@ class EmbeddedBackend:
     def run_session(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One blocking session call (any thread); every output the spec declares, by name."""
         output_names = [t.name for t in self.specs[model].outputs]
-        return dict(zip(output_names, self._sessions[model].run(output_names, inputs)))
-
-    def session(self, model: str) -> ort.InferenceSession:
-        """The session serving `model` (the bench's floor calls these directly)."""
-        return self._sessions[model]
+        threads = self.budget.take(model)
+        try:
+            return dict(zip(output_names, self._sessions[model][threads].run(output_names, inputs)))
+        finally:
+            self.budget.give(threads)
 
     def batch_stats(self) -> dict[str, dict[int, int]]:
         """model role → {batch size: batches run}, since start."""
@@ -133,6 +147,51 @@ class EmbeddedBackend:
         self._batchers.clear()
         self._sessions.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class ThreadBudget:
+    """Which session (how many intra-op threads) a run starting now gets; thread-safe.
+
+    `wide` when nothing else runs or the model is `slowest`, else `shared`.
+    """
+
+    def __init__(self, *, wide: int, shared: int) -> None:
+        self.wide, self.shared = wide, shared
+        self.slowest: str | None = None
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    def take(self, model: str) -> int:
+        with self._lock:
+            threads = self.wide if self._busy == 0 or model == self.slowest else self.shared
+            self._busy += threads
+            return threads
+
+    def give(self, threads: int) -> None:
+        with self._lock:
+            self._busy -= threads
+
+
+def _open_session(spec: ModelSpec, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # No spin-waiting: several calls and the pre/post pool share the cores, and spinning
+    # threads starve them (measured 1.6-2x slower per call on 2 busy cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(spec.onnx_path), options, providers=_providers())
+
+
+def _warmup_inputs(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Deterministic noise of the size the gateway feeds (variable dims = input_size; batch of one)."""
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for tensor in spec.inputs:
+        shape = tuple(spec.input_size if d < 0 else d for d in tensor.dims)
+        if spec.max_batch_size > 0:
+            shape = (1, *shape)
+        inputs[tensor.name] = rng.random(shape).astype(tensor.dtype)
+    return inputs
 
 
 def concurrent_runs(threads: int, providers: list[str]) -> int:
