@@ -93,6 +93,10 @@ class _Inputs:
             prepared = self._by_size[size] = prepare(self.decoded.pixels, size, crop=self.crop)
         return prepared
 
+    def prepare_all(self, sizes: list[int]) -> None:
+        for size in sizes:
+            self.get(size)
+
     @classmethod
     def first(cls, decoded: DecodedImage, size: int) -> _Inputs:
         """Brain crop plus the tensor of the first model to run."""
@@ -177,9 +181,14 @@ class Pipeline:
             by_label = await self._classify(inputs, deadline, watch)
             tumor_detected = 1.0 - by_label[NO_TUMOR] >= self.config.tumor_threshold
             segment, detect = tumor_detected and options.segment, tumor_detected and options.detect
-            segmentation, instances = await _all(
-                self._segment(inputs, deadline, watch) if segment else _value(None),
+            # Both tensors in one hop, the Mask R-CNN's first, so that it reaches the backend first
+            # and keeps every core (the embedded backend's ThreadBudget); the U-Net runs beside it.
+            sizes = [self.backend.specs[m].input_size for m, on in (("maskrcnn", detect), ("unet", segment)) if on]
+            if sizes:
+                await loop.run_in_executor(self._executor, inputs.prepare_all, sizes)
+            instances, segmentation = await _all(
                 self._detect(inputs, deadline, watch) if detect else _value([]),
+                self._segment(inputs, deadline, watch) if segment else _value(None),
             )
         else:
             segment, detect = options.segment, options.detect
