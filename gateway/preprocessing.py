@@ -118,10 +118,10 @@ def to_unit_gray(array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE, bgr: bo
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
         if array.shape[2] == 1:
             array = array[:, :, 0]
-        elif source_dtype in _SUPPORTED_DTYPES and _gray_as_colour(array):
+        elif source_dtype in _SUPPORTED_DTYPES and (channel := _gray_channel(array)) is not None:
             # Most colour JPEG slices are gray saved as colour: any channel is the luminance
             # (to 1 ulp of the formula below), at half the cost of converting all three.
-            array = array[:, :, 1]
+            array = channel
         elif source_dtype in _SUPPORTED_DTYPES:
             # Luminance 0.299 R + 0.587 G + 0.114 B in float32 (OpenCV: ~4x faster than a numpy matmul).
             colour = np.ascontiguousarray(array[:, :, :3], dtype=np.float32)
@@ -248,10 +248,12 @@ def _percentiles(values: np.ndarray, percents: tuple[float, ...]) -> np.ndarray:
     return low + (high - low) * (position - below)
 
 
-def _gray_as_colour(array: np.ndarray) -> bool:
-    """True when the first three channels of an H×W×C array are identical."""
+def _gray_channel(array: np.ndarray) -> np.ndarray | None:
+    """One channel (contiguous) of an H×W×C array whose first three channels are identical, else None."""
     blue, green, red = cv2.split(np.ascontiguousarray(array[:, :, :3]))
-    return not cv2.countNonZero(cv2.absdiff(blue, green)) and not cv2.countNonZero(cv2.absdiff(green, red))
+    if cv2.countNonZero(cv2.absdiff(blue, green)) or cv2.countNonZero(cv2.absdiff(green, red)):
+        return None
+    return green
 
 
 def _rescale_to_unit(array: np.ndarray, *, source_dtype: np.dtype) -> np.ndarray:

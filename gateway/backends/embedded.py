@@ -67,9 +67,10 @@ class EmbeddedBackend:
         # overlap: one run alone leaves gaps (thread hand-offs, no spinning) that the other fills.
         # Measured on 2 cores at concurrency 16: 27 images/s with two overlapping runs, 19-20 with one
         # (BRAINSCAN_ORT_CONCURRENT_RUNS overrides). The budget picks each run's session width.
-        runs = concurrent or concurrent_runs(threads, _providers())
+        self._providers = _providers()
+        runs = concurrent or concurrent_runs(threads, self._providers)
         self._executor = executor or ThreadPoolExecutor(max_workers=runs, thread_name_prefix="ort")
-        shared = max(1, threads // runs) if "CUDAExecutionProvider" not in _providers() else threads
+        shared = max(1, threads // runs) if "CUDAExecutionProvider" not in self._providers else threads
         self.budget = ThreadBudget(wide=threads, shared=shared)
 
     @property
@@ -83,13 +84,15 @@ class EmbeddedBackend:
             if not spec.onnx_path.is_file():
                 raise ContractError(f"model {spec.name!r}: {spec.onnx_path} is missing")
             self._sessions[role] = {
-                threads: _open_session(spec, threads) for threads in sorted({self.budget.wide, self.budget.shared})
+                threads: _open_session(spec, threads, self._providers)
+                for threads in sorted({self.budget.wide, self.budget.shared})
             }
+            warmup = _warmup_inputs(spec)
             for threads, session in self._sessions[role].items():
                 check_session_against_spec(session, spec)
                 # A first run allocates ORT's buffers; do it now, not on a caller's request.
                 started = time.perf_counter()
-                session.run(None, _warmup_inputs(spec))
+                session.run(None, warmup)
                 if threads == self.budget.wide:
                     warmup_s[role] = time.perf_counter() - started
             self.stats[role] = BatchStats(model=role)
@@ -172,14 +175,14 @@ class ThreadBudget:
             self._busy -= threads
 
 
-def _open_session(spec: ModelSpec, threads: int) -> ort.InferenceSession:
+def _open_session(spec: ModelSpec, threads: int, providers: list[str]) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     # No spin-waiting: several calls and the pre/post pool share the cores, and spinning
     # threads starve them (measured 1.6-2x slower per call on 2 busy cores).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(spec.onnx_path), options, providers=_providers())
+    return ort.InferenceSession(str(spec.onnx_path), options, providers=providers)
 
 
 def _warmup_inputs(spec: ModelSpec) -> dict[str, np.ndarray]:
