@@ -303,7 +303,7 @@ def _first_stage(args: dict) -> str:
     from export.train_common import init_chain
 
     parts = []
-    for init, run_dir in init_chain(args.get("init")):
+    for init, run_dir, _ in init_chain(args.get("init")):
         record = training_record(run_dir)
         stage_args = record.get("args", {}) or {}
         parts.append(

@@ -22,6 +22,7 @@ from export.maskrcnn_model import MaskRCNNConfig, build_maskrcnn, count_paramete
 from export.maskrcnn_metrics import SERVING_THRESHOLD
 from export.maskrcnn_onnx import OPSET, ParityError, check_io_names, check_parity, export_onnx, int8_cost, latency_ms, ort_session
 from export.repository import onnx_path, write_model_card, write_model_config
+from export.train_common import init_chain
 from gateway.contract import TensorSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -224,18 +225,10 @@ def _int8_sentence(facts: dict) -> str:
     )
 
 
-def _earlier_stages(train_args: dict) -> list[tuple[str, Path, dict]]:
-    """(checkpoint, run folder, its arguments) for each run a fine-tuning run (--init) grew from."""
-    from export.train_common import init_chain
-
-    return [(init, run_dir, json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").is_file() else {})
-            for init, run_dir in init_chain(train_args.get("init"))]
-
-
 def _training_chain(train_args: dict) -> str:
     """A fine-tuning run (--init) names the runs it grew from, back to the one trained from scratch."""
     lines = []
-    for init, run_dir, stage in _earlier_stages(train_args):
+    for init, run_dir, stage in init_chain(train_args.get("init")):
         rows = list(csv.DictReader((run_dir / "log.csv").open())) if (run_dir / "log.csv").is_file() else []
         minutes = f"{float(rows[-1]['elapsed_s']) / 60:.0f} min, {rows[-1]['epoch']} epochs" if rows else "length unknown"
         lines.append(
@@ -249,7 +242,7 @@ def _training_chain(train_args: dict) -> str:
 
 def _mined(train_args: dict) -> bool:
     """Whether this run or one it was fine-tuned from mined hard negatives."""
-    stages = [train_args] + [stage for _, _, stage in _earlier_stages(train_args)]
+    stages = [train_args] + [stage for _, _, stage in init_chain(train_args.get("init"))]
     return any(stage.get("hard_negative_repeat") for stage in stages)
 
 

@@ -69,17 +69,19 @@ def oversample_negatives(indices: Sequence[int], negative: Sequence[bool], repea
     return np.repeat(np.asarray(indices, dtype=np.int64), counts)
 
 
-def init_chain(init: str | Path | None) -> list[tuple[str, Path]]:
-    """(checkpoint, its run folder) for a fine-tuning run's `--init`, then that run's, back to a run from scratch.
+def init_chain(init: str | Path | None) -> list[tuple[str, Path, dict]]:
+    """(checkpoint, its run folder, that run's arguments) for a fine-tuning run's `--init`, then that run's,
+    back to a run from scratch.
 
-    Each run folder's args.json names the checkpoint it started from.
+    Each run folder's args.json ({} when missing) names the checkpoint it started from.
     """
-    chain: list[tuple[str, Path]] = []
-    while init and str(init) not in {c for c, _ in chain}:
+    chain: list[tuple[str, Path, dict]] = []
+    while init and str(init) not in {c for c, _, _ in chain}:
         run_dir = Path(init).parent
-        chain.append((str(init), run_dir))
         args_file = run_dir / "args.json"
-        init = json.loads(args_file.read_text()).get("init") if args_file.is_file() else None
+        run_args = json.loads(args_file.read_text()) if args_file.is_file() else {}
+        chain.append((str(init), run_dir, run_args))
+        init = run_args.get("init")
     return chain
 
 
