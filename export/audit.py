@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from export.datasets import default_data_root, load_classification_split, load_via_split
+from export.datasets import default_data_root, load_classification_split, load_via_split, relative_to_root
 from gateway.preprocessing import crop_and_resize, find_brain_box, load_image_file
 
 THRESHOLD = 0.90
@@ -133,22 +133,15 @@ class Audit:
     excluded_training: frozenset[str]
     summary: dict[str, object] = field(default_factory=dict)
 
-    def _relative(self, path: Path | str) -> str:
-        path = Path(path)
-        try:
-            return path.resolve().relative_to(self.data_root.resolve()).as_posix()
-        except ValueError:
-            return path.as_posix()
-
     def is_duplicate_free(self, split_key: str, path: Path | str) -> bool:
-        return self._relative(path) in self.duplicate_free[split_key]
+        return relative_to_root(path, self.data_root) in self.duplicate_free[split_key]
 
     def duplicate_free_paths(self, split_key: str) -> set[Path]:
         return {self.data_root / rel for rel in self.duplicate_free[split_key]}
 
     def is_excluded_from_training(self, path: Path | str) -> bool:
         """True for a training image that is a near-duplicate of some evaluation image."""
-        return self._relative(path) in self.excluded_training
+        return relative_to_root(path, self.data_root) in self.excluded_training
 
     def to_json(self) -> dict[str, object]:
         return {

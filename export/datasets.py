@@ -49,6 +49,15 @@ def default_data_root() -> Path:
     return Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
+def relative_to_root(path: Path | str, data_root: Path) -> str:
+    """A dataset file's POSIX path relative to the datasets root (the key of audit and error files);
+    paths outside the root stay as given."""
+    try:
+        return Path(path).resolve().relative_to(Path(data_root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
 @dataclass(frozen=True)
 class Region:
     """One VIA region in original pixel coordinates.

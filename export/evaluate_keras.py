@@ -13,14 +13,17 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
-from export.datasets import CLASS_LABELS, default_data_root, load_classification_split, load_via_split
-from gateway.preprocessing import load_image_file, mask_to_original, prepare
+from export.datasets import CLASS_LABELS, default_data_root, load_classification_split, load_via_split, relative_to_root
+from export.error_gallery import ErrorCase, write_gallery
+from gateway.preprocessing import crop_and_resize, load_image_file, mask_to_original, prepare
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MASK_THRESHOLD = 0.5
@@ -93,12 +96,30 @@ def classification_metrics(truth: np.ndarray, probabilities: np.ndarray) -> dict
     }
 
 
-def evaluate_classifier(model: OnnxModel, data_root: Path, duplicate_free: set[str], batch_size: int) -> dict[str, object]:
+def evaluate_classifier(
+    model: OnnxModel, data_root: Path, duplicate_free: set[str], batch_size: int, errors: list[ErrorCase] | None = None
+) -> dict[str, object]:
+    """Testing metrics; with `errors`, also collects every misclassified slice into it."""
     items = load_classification_split(data_root, "Testing")
     tensors = (_tensor(p, model.size) for p, _ in items)
     probabilities = model.predict(tqdm(tensors, total=len(items), desc="classifier Testing", unit="img"), batch_size)
     truth = np.array([CLASS_LABELS.index(label) for _, label in items])
-    keep = np.array([_relative(p, data_root) in duplicate_free for p, _ in items])
+    keep = np.array([relative_to_root(p, data_root) in duplicate_free for p, _ in items])
+    if errors is not None:
+        for index in np.flatnonzero(probabilities.argmax(axis=1) != truth):
+            path, label = items[index]
+            predicted = int(probabilities[index].argmax())
+            errors.append(
+                ErrorCase(
+                    group=f"classifier-{label}-misclassified",
+                    path=path,
+                    duplicate_free=bool(keep[index]),
+                    truth=label,
+                    prediction=CLASS_LABELS[predicted],
+                    score=float(probabilities[index, predicted]),
+                    image=_tensor(path, model.size)[..., 0],
+                )
+            )
     return {
         CLASSIFIER_SPLIT: {
             "full": classification_metrics(truth, probabilities),
@@ -118,7 +139,15 @@ def segmentation_metrics(dice: Sequence[float], iou: Sequence[float]) -> dict[st
     }
 
 
-def evaluate_unet(model: OnnxModel, data_root: Path, duplicate_free: dict[str, set[str]], batch_size: int) -> dict[str, object]:
+def evaluate_unet(
+    model: OnnxModel,
+    data_root: Path,
+    duplicate_free: dict[str, set[str]],
+    batch_size: int,
+    errors: list[ErrorCase] | None = None,
+) -> dict[str, object]:
+    """Dice/IoU and the empty-mask share; with `errors`, also collects tumor slices with
+    Dice < 0.5 and tumor-free slices with a mask into it."""
     results: dict[str, object] = {}
     for key in SEGMENTATION_SPLITS:
         dataset, split = key.split("/")
@@ -134,7 +163,22 @@ def evaluate_unet(model: OnnxModel, data_root: Path, duplicate_free: dict[str, s
             inter, union, total = (pred & truth).sum(), (pred | truth).sum(), pred.sum() + truth.sum()
             dice.append(1.0 if total == 0 else 2.0 * inter / total)
             iou.append(1.0 if union == 0 else inter / union)
-            keep.append(_relative(item.path, data_root) in duplicate_free[key])
+            keep.append(relative_to_root(item.path, data_root) in duplicate_free[key])
+            if errors is not None and dice[-1] < 0.5:
+                grid_truth = crop_and_resize(truth.view(np.uint8), prepared.crop, model.size, interpolation=cv2.INTER_NEAREST)
+                errors.append(
+                    ErrorCase(
+                        group=f"unet-dice-below-0.5-{dataset}-{split}",
+                        path=item.path,
+                        duplicate_free=keep[-1],
+                        truth="tumor",
+                        prediction="mask" if pred.any() else "empty",
+                        score=float(dice[-1]),
+                        image=prepared.tensor,
+                        predicted_mask=prob >= MASK_THRESHOLD,
+                        true_mask=grid_truth > 0,
+                    )
+                )
         keep_arr = np.array(keep)
         results[key] = {
             "full": segmentation_metrics(dice, iou),
@@ -148,8 +192,21 @@ def evaluate_unet(model: OnnxModel, data_root: Path, duplicate_free: dict[str, s
         prob = model.run(prepared.tensor[None, ..., None])[0, ..., 0]
         # Same rule as the gateway (postprocessing.segmentation_from_unet): empty when no original pixel passes.
         empty_list.append(not (mask_to_original(prob, prepared) >= MASK_THRESHOLD).any())
+        if errors is not None and not empty_list[-1]:
+            errors.append(
+                ErrorCase(
+                    group="unet-mask-on-Testing-no_tumor",
+                    path=path,
+                    duplicate_free=relative_to_root(path, data_root) in duplicate_free[CLASSIFIER_SPLIT],
+                    truth="no_tumor",
+                    prediction="mask",
+                    score=float(prob.max()),
+                    image=prepared.tensor,
+                    predicted_mask=prob >= MASK_THRESHOLD,
+                )
+            )
     empty = np.array(empty_list)
-    keep_neg = np.array([_relative(p, data_root) in duplicate_free[CLASSIFIER_SPLIT] for p in negatives])
+    keep_neg = np.array([relative_to_root(p, data_root) in duplicate_free[CLASSIFIER_SPLIT] for p in negatives])
 
     def empty_stats(mask: np.ndarray) -> dict[str, object]:
         return {"n": int(mask.sum()), "empty_mask_rate": round(float(empty[mask].mean()), 4) if mask.any() else None}
@@ -161,18 +218,31 @@ def evaluate_unet(model: OnnxModel, data_root: Path, duplicate_free: dict[str, s
     return results
 
 
-def evaluate(model_name: str, *, data_root: Path, repository: Path, batch_size: int = 16, threads: int = 1) -> dict[str, object]:
+def evaluate(
+    model_name: str,
+    *,
+    data_root: Path,
+    repository: Path,
+    batch_size: int = 16,
+    threads: int = 1,
+    errors_dir: Path | None = None,
+) -> dict[str, object]:
+    """The card's metrics as JSON; with `errors_dir`, also an error gallery there (export/error_gallery.py)."""
     from export.audit import SUBSETS_FILE, load_or_build_audit
 
     audit = load_or_build_audit(data_root)
     duplicate_free = {key: set(paths) for key, paths in audit.duplicate_free.items()}
     model = OnnxModel(repository, model_name, threads=threads)
+    errors: list[ErrorCase] | None = None if errors_dir is None else []
     if model_name == "classifier":
-        splits = evaluate_classifier(model, data_root, duplicate_free[CLASSIFIER_SPLIT], batch_size)
+        splits = evaluate_classifier(model, data_root, duplicate_free[CLASSIFIER_SPLIT], batch_size, errors)
     elif model_name == "unet":
-        splits = evaluate_unet(model, data_root, duplicate_free, batch_size)
+        splits = evaluate_unet(model, data_root, duplicate_free, batch_size, errors)
     else:
         raise ValueError(f"unknown model {model_name!r}; expected classifier or unet")
+    if errors_dir is not None and errors is not None:
+        written = write_gallery(errors, errors_dir, data_root=data_root)
+        print(f"{len(errors)} errors: {', '.join(str(path) for path in written)}", file=sys.stderr)
     report: dict[str, object] = {
         "model": model_name,
         "onnx_sha256": hashlib.sha256(model.spec.onnx_path.read_bytes()).hexdigest(),
@@ -202,13 +272,6 @@ def _tensor(path: Path, size: int) -> np.ndarray:
     return prepare(load_image_file(str(path)).pixels, size).tensor[..., None]
 
 
-def _relative(path: Path, data_root: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(Path(data_root).resolve()).as_posix()
-    except ValueError:
-        return Path(path).as_posix()
-
-
 # --- CLI -------------------------------------------------------------------
 
 
@@ -221,6 +284,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON to this file")
     parser.add_argument("--check", action="store_true", help="exit 1 when a quality target is missed")
+    parser.add_argument(
+        "--errors",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write an error gallery to DIR: a contact sheet per kind of error and errors.csv",
+    )
     return parser
 
 
@@ -228,7 +298,14 @@ def main(args: argparse.Namespace) -> int:
     if not Path(args.data).is_dir():
         print(f"datasets folder {args.data} not found; pass --data or set BRAINSCAN_DATA")
         return 2
-    report = evaluate(args.model, data_root=args.data, repository=args.repository, batch_size=args.batch_size, threads=args.threads)
+    report = evaluate(
+        args.model,
+        data_root=args.data,
+        repository=args.repository,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        errors_dir=args.errors,
+    )
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from export.datasets import AnnotatedSlice, default_data_root, load_classification_split, load_via_split
+from export.error_gallery import ErrorCase, write_gallery
 from export.maskrcnn_metrics import MASK_THRESHOLD, SERVING_THRESHOLD, Prediction, coco_metrics, false_positive_rate
-from gateway.preprocessing import boxes_to_original, load_image_file, mask_to_original, prepare
+from gateway.preprocessing import PreparedImage, boxes_to_original, crop_and_resize, load_image_file, mask_to_original, prepare
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DETECTION_SPLITS = ("br35h-polygons/val", "ruslan-kl-polygons/test")
@@ -67,26 +70,42 @@ def onnx_runner(model_dir: Path, threads: int = 2) -> tuple[Runner, int]:
     return run, spec.input_size
 
 
-def predict_original(run: Runner, path: Path, size: int) -> tuple[Prediction, tuple[int, int]]:
-    """Detections of one file mapped to its original pixels, exactly as the gateway maps them."""
+def predict_original(run: Runner, path: Path, size: int) -> tuple[Prediction, PreparedImage, np.ndarray]:
+    """Detections of one file mapped to its original pixels, exactly as the gateway maps them;
+    also the prepared input and the masks on the model grid (N×S×S)."""
     gray = load_image_file(str(path)).pixels
     prepared = prepare(gray, size)
     boxes, scores, masks = run(np.ascontiguousarray(prepared.tensor, dtype=np.float32)[None])
     full_boxes = boxes_to_original(boxes, prepared, size)
     full_masks = np.stack([mask_to_original(m[0], prepared) >= MASK_THRESHOLD for m in masks]) if len(masks) else (
         np.zeros((0, *gray.shape), bool))
-    return Prediction(full_boxes, scores.astype(np.float32), full_masks), gray.shape
+    return Prediction(full_boxes, scores.astype(np.float32), full_masks), prepared, masks[:, 0]
+
+
+def _detected_mask(grid_masks: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray | None:
+    """Union of the served detections' masks on the model grid (None when nothing is served)."""
+    served = grid_masks[scores >= threshold]
+    return (served >= MASK_THRESHOLD).any(axis=0) if len(served) else None
 
 
 def evaluate_detection_split(run: Runner, size: int, slices: list[AnnotatedSlice], keep_free: set[Path],
-                             threshold: float, desc: str) -> dict[str, dict[str, object]]:
+                             threshold: float, desc: str, errors: list[ErrorCase] | None = None) -> dict[str, dict[str, object]]:
+    """COCO AP on one split; with `errors`, also collects the slices with no detection ≥ threshold."""
     gts, preds, free = [], [], []
     for item in tqdm(slices, desc=desc, unit="img"):
-        pred, shape = predict_original(run, item.path, size)
+        pred, prepared, grid_masks = predict_original(run, item.path, size)
+        shape = prepared.original_shape
         masks = item.instance_masks(*shape)
         gts.append(np.stack(masks) if masks else np.zeros((0, *shape), bool))
         preds.append(pred)
         free.append(item.path.resolve() in keep_free)
+        if errors is not None and not (pred.scores >= threshold).any():
+            truth = item.union_mask(*shape).view(np.uint8)
+            errors.append(ErrorCase(
+                group=f"maskrcnn-missed-{desc.replace('/', '-')}", path=item.path, duplicate_free=free[-1],
+                truth="tumor", prediction="nothing", score=float(pred.scores.max()) if len(pred.scores) else 0.0,
+                image=prepared.tensor, true_mask=crop_and_resize(truth, prepared.crop, size, interpolation=cv2.INTER_NEAREST) > 0,
+            ))
     out = {}
     for name, chosen in (("full", [True] * len(slices)), ("duplicate_free", free)):
         g = [x for x, c in zip(gts, chosen) if c]
@@ -100,13 +119,22 @@ def evaluate_detection_split(run: Runner, size: int, slices: list[AnnotatedSlice
     return out
 
 
-def evaluate_negatives(run: Runner, size: int, paths: list[Path], keep_free: set[Path], threshold: float) -> dict[str, dict[str, object]]:
+def evaluate_negatives(run: Runner, size: int, paths: list[Path], keep_free: set[Path], threshold: float,
+                       errors: list[ErrorCase] | None = None) -> dict[str, dict[str, object]]:
+    """False-positive rate on tumor-free slices; with `errors`, also collects the flagged ones."""
     preds, free = [], []
     for path in tqdm(paths, desc="no_tumor", unit="img"):
         gray = load_image_file(str(path)).pixels
-        _, scores, _ = run(np.ascontiguousarray(prepare(gray, size).tensor, dtype=np.float32)[None])
+        prepared = prepare(gray, size)
+        _, scores, grid_masks = run(np.ascontiguousarray(prepared.tensor, dtype=np.float32)[None])
         preds.append(Prediction(np.zeros((len(scores), 4), np.float32), scores, np.zeros((len(scores), 1, 1), bool)))
         free.append(path.resolve() in keep_free)
+        if errors is not None and (detected := _detected_mask(grid_masks[:, 0], scores, threshold)) is not None:
+            errors.append(ErrorCase(
+                group="maskrcnn-detection-on-Testing-no_tumor", path=path, duplicate_free=free[-1],
+                truth="no_tumor", prediction="tumor", score=float(scores.max()), image=prepared.tensor,
+                predicted_mask=detected,
+            ))
     out = {}
     for name, chosen in (("full", [True] * len(paths)), ("duplicate_free", free)):
         p = [x for x, c in zip(preds, chosen) if c]
@@ -138,6 +166,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (checkpoints only)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N slices of each split (smoke tests); 0 = all")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "maskrcnn" / "evaluation.json", help="where to write the metrics JSON")
+    parser.add_argument("--errors", type=Path, default=None, metavar="DIR",
+                        help="also write an error gallery to DIR: a contact sheet per kind of error and errors.csv")
     return parser
 
 
@@ -159,16 +189,20 @@ def main(args: argparse.Namespace) -> int:
         source = f"checkpoint:{args.checkpoint}"
     audit = load_or_build_audit(args.data)
     limit = args.limit or None
+    errors: list[ErrorCase] | None = None if args.errors is None else []
     started = time.time()
     results: dict[str, object] = {}
     for key in DETECTION_SPLITS:
         dataset, split = key.split("/")
         slices = load_via_split(args.data, dataset, split)[:limit]
         free = {p.resolve() for p in audit.duplicate_free_paths(key)}
-        results[key] = evaluate_detection_split(run, size, slices, free, args.threshold, key)
+        results[key] = evaluate_detection_split(run, size, slices, free, args.threshold, key, errors)
     negatives = [p for p, label in load_classification_split(args.data, "Testing") if label == "no_tumor"][:limit]
     free = {p.resolve() for p in audit.duplicate_free_paths(NEGATIVE_SPLIT)}
-    results["no_tumor"] = {"split": f"{NEGATIVE_SPLIT}/no_tumor", **evaluate_negatives(run, size, negatives, free, args.threshold)}
+    results["no_tumor"] = {"split": f"{NEGATIVE_SPLIT}/no_tumor", **evaluate_negatives(run, size, negatives, free, args.threshold, errors)}
+    if errors is not None:
+        written = write_gallery(errors, args.errors, data_root=args.data)
+        print(f"{len(errors)} errors: {', '.join(str(path) for path in written)}", file=sys.stderr)
     payload = {
         "model": source,
         "input_size": size,

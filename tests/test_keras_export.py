@@ -144,3 +144,39 @@ def test_random_intensity_curve_keeps_background_black_and_can_swap_tissue_brigh
     assert (dark > bright).any() and (dark < bright).any()  # contrast flips in some images, not all
     untouched = random_intensity_curve(tf.constant(images), 0.0).numpy()
     assert np.array_equal(untouched, images)
+
+
+@needs_data
+@pytest.mark.parametrize("model", ["classifier", "unet"])
+def test_error_gallery_holds_exactly_the_errors_the_metrics_count(tiny_repository: Path, model: str, tmp_path: Path) -> None:
+    import csv
+
+    import cv2
+
+    from export.error_gallery import COLUMNS, TILE_SIDE
+    from export.evaluate_keras import evaluate
+
+    report = evaluate(model, data_root=DATA_ROOT, repository=tiny_repository, errors_dir=tmp_path)
+    with (tmp_path / "errors.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    splits = report["splits"]
+    if model == "classifier":
+        full = splits["sartaj-classification/Testing"]["full"]
+        counts = np.array(full["confusion_matrix"]["counts"])
+        expected = {f"classifier-{label}-misclassified": int(counts[c].sum() - counts[c, c]) for c, label in enumerate(CLASS_LABELS)}
+        assert all(row["prediction"] != row["truth"] for row in rows)
+    else:
+        negatives = splits["sartaj-classification/Testing/no_tumor"]["full"]
+        expected = {"unet-mask-on-Testing-no_tumor": round(negatives["n"] * (1 - negatives["empty_mask_rate"]))}
+        for key in ("br35h-polygons/val", "ruslan-kl-polygons/test"):
+            dataset, split = key.split("/")
+            stats = splits[key]["full"]
+            expected[f"unet-dice-below-0.5-{dataset}-{split}"] = round(stats["n"] * stats["share_dice_below_0.5"])
+    expected = {group: count for group, count in expected.items() if count}
+    assert expected, "a random-weight model should get something wrong"
+    assert {group: sum(row["group"] == group for row in rows) for group in expected} == expected
+    assert len(rows) == sum(expected.values())
+    assert all((DATA_ROOT / row["path"]).is_file() for row in rows)
+    for group, count in expected.items():
+        sheet = cv2.imread(str(tmp_path / f"{group}.png"))
+        assert sheet.shape == (TILE_SIDE * -(-count // COLUMNS), TILE_SIDE * COLUMNS, 3)

@@ -225,3 +225,35 @@ def test_exported_repository_config_is_valid_if_present() -> None:
     spec = load_model_spec(model_dir)
     validate_role(spec, "maskrcnn")
     assert spec.onnx_path.is_file() and spec.onnx_path.stat().st_size <= 40 * 2**20
+
+
+@needs_data
+@pytest.mark.parametrize("kind", ["empty", "busy"])
+def test_error_gallery_holds_exactly_the_misses_and_false_positives(
+    tiny_repositories: dict[str, Path], kind: str, tmp_path: Path
+) -> None:
+    import csv
+    import json
+
+    from export.evaluate_maskrcnn import get_args_parser, main
+
+    errors, report = tmp_path / "errors", tmp_path / "report.json"
+    args = get_args_parser().parse_args(
+        ["--data", str(DATA), "--onnx", str(tiny_repositories[kind] / "maskrcnn"), "--threads", "1",
+         "--limit", "5", "--out", str(report), "--errors", str(errors)]
+    )
+    assert main(args) == 0
+    results = json.loads(report.read_text())["results"]
+    with (errors / "errors.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    expected = {
+        f"maskrcnn-missed-{key.replace('/', '-')}": round(results[key]["full"]["images"] * (1 - results[key]["full"]["detected_at_threshold"]))
+        for key in ("br35h-polygons/val", "ruslan-kl-polygons/test")
+    }
+    expected["maskrcnn-detection-on-Testing-no_tumor"] = round(results["no_tumor"]["full"]["images"] * results["no_tumor"]["full"]["fp_rate"])
+    expected = {group: count for group, count in expected.items() if count}
+    assert expected, "each tiny model gets one side wrong: it never or always detects"
+    assert {group: sum(row["group"] == group for row in rows) for group in expected} == expected
+    assert len(rows) == sum(expected.values())
+    assert all((DATA / row["path"]).is_file() for row in rows)
+    assert all((errors / f"{group}.png").is_file() for group in expected)

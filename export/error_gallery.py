@@ -1,0 +1,91 @@
+"""Error galleries for `brainscan evaluate --errors DIR`: what the model got wrong, to look at.
+
+Metrics say how often a model fails; a contact sheet of the failures says why
+(a scanner, a sequence or a view the training data lacks). For each group of
+errors this writes `<group>.png`, the slices as the model saw them (the
+prepared tensor, after brain crop and normalization) with the prediction
+written on each and, for masks, the predicted mask in red and the truth in
+green. `errors.csv` lists every error with its file, so it can be opened.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from export.datasets import relative_to_root
+
+TILE_SIDE = 128
+COLUMNS = 8
+CSV_FIELDS = ("group", "path", "duplicate_free", "truth", "prediction", "score")
+
+
+@dataclass(frozen=True)
+class ErrorCase:
+    """One wrong answer. `score`: the predicted class's probability (classifier), the Dice of
+    a mask with its truth (U-Net, tumor slice) or the mask's highest probability (U-Net,
+    tumor-free slice)."""
+
+    group: str
+    path: Path
+    duplicate_free: bool
+    truth: str
+    prediction: str
+    score: float
+    image: np.ndarray  # S×S float in [0, 1]: the model's input
+    predicted_mask: np.ndarray | None = None  # S×S bool on the model grid
+    true_mask: np.ndarray | None = None
+
+
+def render_tile(case: ErrorCase, side: int = TILE_SIDE) -> np.ndarray:
+    """The model input as a side×side BGR tile: masks outlined, prediction written on top."""
+    gray = cv2.resize((np.clip(case.image, 0.0, 1.0) * 255).astype(np.uint8), (side, side), interpolation=cv2.INTER_AREA)
+    tile = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    for mask, colour in ((case.true_mask, (0, 200, 0)), (case.predicted_mask, (0, 0, 255))):
+        if mask is not None and mask.any():
+            grid = cv2.resize(mask.astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST)
+            contours, _ = cv2.findContours(grid, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(tile, contours, -1, colour, 1)
+    caption = f"{case.prediction[:10]} {case.score:.2f}" + (" N" if case.duplicate_free else "")
+    cv2.rectangle(tile, (0, 0), (side - 1, 12), (0, 0, 0), thickness=-1)
+    cv2.putText(tile, caption, (2, 10), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+    return tile
+
+
+def contact_sheet(tiles: list[np.ndarray], columns: int = COLUMNS) -> np.ndarray:
+    """Tiles in rows of `columns`, the last row padded with black."""
+    if not tiles:
+        raise ValueError("a contact sheet needs at least one tile")
+    blank = np.zeros_like(tiles[0])
+    padded = tiles + [blank] * (-len(tiles) % columns)
+    rows = [np.hstack(padded[start : start + columns]) for start in range(0, len(padded), columns)]
+    return np.vstack(rows)
+
+
+def write_gallery(cases: list[ErrorCase], out_dir: Path, *, data_root: Path) -> list[Path]:
+    """`<group>.png` per group and `errors.csv` for all cases (paths relative to data_root);
+    returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, list[ErrorCase]] = defaultdict(list)
+    for case in cases:
+        groups[case.group].append(case)
+    written = []
+    for group, members in sorted(groups.items()):
+        path = out_dir / f"{group}.png"
+        if not cv2.imwrite(str(path), contact_sheet([render_tile(case) for case in members])):
+            raise OSError(f"could not write {path}")
+        written.append(path)
+    table = out_dir / "errors.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_FIELDS)
+        for case in cases:
+            path = relative_to_root(case.path, data_root)
+            writer.writerow([case.group, path, int(case.duplicate_free), case.truth, case.prediction, f"{case.score:.4f}"])
+    written.append(table)
+    return written
