@@ -75,7 +75,14 @@ class OnnxModel:
 
 
 def classification_metrics(truth: np.ndarray, probabilities: np.ndarray) -> dict[str, object]:
-    pred = probabilities.argmax(axis=1)
+    """Metrics of the argmax class, and of tumor vs no_tumor at p(tumor) = 1 - p(no_tumor) >= 0.5."""
+    no_tumor = CLASS_LABELS.index("no_tumor")
+    return label_metrics(truth, probabilities.argmax(axis=1), (1.0 - probabilities[:, no_tumor]) >= 0.5)
+
+
+def label_metrics(truth: np.ndarray, pred: np.ndarray, tumor_pred: np.ndarray) -> dict[str, object]:
+    """Accuracy, per-class recall and confusion of predicted class indices (CLASS_LABELS order),
+    plus the accuracy of the tumor vs no_tumor decision `tumor_pred`."""
     confusion = np.zeros((len(CLASS_LABELS), len(CLASS_LABELS)), dtype=int)
     np.add.at(confusion, (truth, pred), 1)
     recall = {
@@ -83,9 +90,7 @@ def classification_metrics(truth: np.ndarray, probabilities: np.ndarray) -> dict
         for c, label in enumerate(CLASS_LABELS)
     }
     present = [r for r in recall.values() if r is not None]
-    no_tumor = CLASS_LABELS.index("no_tumor")
-    tumor_true = truth != no_tumor
-    tumor_pred = (1.0 - probabilities[:, no_tumor]) >= 0.5
+    tumor_true = truth != CLASS_LABELS.index("no_tumor")
     return {
         "n": int(len(truth)),
         "accuracy": round(float((pred == truth).mean()), 4),

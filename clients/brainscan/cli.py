@@ -27,6 +27,7 @@ DELEGATED: dict[tuple[str, str], tuple[str, bool]] = {
     ("evaluate", "classifier"): ("export.evaluate_keras", True),
     ("evaluate", "unet"): ("export.evaluate_keras", True),
     ("evaluate", "maskrcnn"): ("export.evaluate_maskrcnn", False),
+    ("evaluate", "service"): ("export.evaluate_service", False),
     ("data", "audit"): ("export.audit", False),
     ("export", "tiny"): ("export.tiny", False),
     ("bench", "triton"): ("gateway.triton_bench", False),
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Brain-MRI tumor analysis over gRPC. {DISCLAIMER}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Model lifecycle: brainscan train|evaluate|export {classifier,unet,maskrcnn} --help, "
+        "brainscan evaluate service --help (the evaluation splits through a running gateway), "
         "brainscan data audit --help, brainscan triton --help, brainscan bench pipeline|ab|triton --help",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -66,22 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = commands.add_parser("analyze", help="analyze image files against a running gateway")
     analyze.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or DICOM files")
-    analyze.add_argument("--server", default="127.0.0.1:50051", help="gateway address (default 127.0.0.1:50051)")
     analyze.add_argument("--json", action="store_true", help="print one JSON object per line")
     analyze.add_argument("--overlay", type=Path, metavar="DIR", help="write an overlay PNG per image into DIR")
     analyze.add_argument("--no-segment", action="store_true", help="skip the U-Net")
     analyze.add_argument("--no-detect", action="store_true", help="skip the Mask R-CNN")
     analyze.add_argument("--ungated", action="store_true", help="run U-Net/Mask R-CNN even when no tumor is seen")
     analyze.add_argument("--timeout", type=float, default=30.0, help="per-image deadline in seconds (default 30)")
-    _add_connection_flags(analyze)
+    add_connection_flags(analyze)
 
     info = commands.add_parser("info", help="show the models a gateway serves")
-    info.add_argument("--server", default="127.0.0.1:50051", help="gateway address")
-    _add_connection_flags(info)
+    add_connection_flags(info)
 
     for name, help_text in (
         ("train", "train a model: classifier, unet or maskrcnn"),
-        ("evaluate", "evaluate a model's ONNX file: classifier, unet or maskrcnn"),
+        ("evaluate", "evaluate a model's ONNX file (classifier, unet, maskrcnn) or a running gateway (service)"),
         ("export", "export a trained model into model_repository/: classifier, unet, maskrcnn (or tiny)"),
         ("data", "dataset tools: audit"),
         ("bench", "benchmarks: pipeline, ab (this checkout vs a git revision), triton"),
@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+def add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    """--server and the TLS / token flags of every command that calls a gateway."""
+    parser.add_argument("--server", default="127.0.0.1:50051", help="gateway address (default 127.0.0.1:50051)")
     parser.add_argument("--tls-ca", type=Path, help="PEM CA bundle to verify the gateway's certificate (enables TLS)")
     parser.add_argument("--tls-cert", type=Path, help="PEM client certificate for mutual TLS")
     parser.add_argument("--tls-key", type=Path, help="PEM client key for mutual TLS")
@@ -100,7 +102,8 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _client(args: argparse.Namespace, **kwargs: object):
+def connect(args: argparse.Namespace, **kwargs: object):
+    """A blocking Client from the flags of add_connection_flags."""
     import os
 
     from brainscan.client import Client
@@ -183,7 +186,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from brainscan.errors import BrainscanError, InvalidInput
 
     failures = 0
-    with _client(args, timeout_s=args.timeout) as client:
+    with connect(args, timeout_s=args.timeout) as client:
         for path in args.images:
             try:
                 result = client.analyze(
@@ -213,7 +216,7 @@ def _info(args: argparse.Namespace) -> int:
     from brainscan.errors import BrainscanError
 
     try:
-        with _client(args) as client:
+        with connect(args) as client:
             info = client.model_info()
     except BrainscanError as error:
         print(f"brainscan info: {error}", file=sys.stderr)

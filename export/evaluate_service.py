@@ -1,0 +1,268 @@
+"""`brainscan evaluate service`: the evaluation splits sent through a running gateway, scored as served.
+
+The per-model evaluations (`brainscan evaluate classifier|unet|maskrcnn`) score
+each ONNX file alone. This one scores what a hospital client actually gets: each
+file goes over gRPC through the Python SDK (`Client.analyze`), the classifier's
+gate decides whether the U-Net and Mask R-CNN run (unless `--ungated`), and
+the returned label, mask and instances are compared with the truth on the
+original pixel grid:
+
+- `sartaj-classification/Testing`: accuracy of the served label, per-class
+  recall, tumor vs no_tumor accuracy of `tumor_detected`;
+- its `no_tumor` slices: the share on which a tumor, a mask or an instance is
+  shown (false alarms as the user sees them);
+- `br35h-polygons/val`, `ruslan-kl-polygons/test`: the share with a tumor
+  detected, the Dice of the served mask (0 when none is returned), and the
+  share of annotated tumors that an instance box overlaps at IoU ≥ 0.5;
+
+each on the full split and its duplicate-free subset, with the client-side
+latency of every call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from export.datasets import CLASS_LABELS, AnnotatedSlice, default_data_root, load_classification_split, load_via_split
+from export.evaluate_keras import CLASSIFIER_SPLIT, SEGMENTATION_SPLITS, label_metrics
+
+IOU_MATCH = 0.5
+Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class Served:
+    """One call's outcome: the result, or the error class the SDK raised; and its latency."""
+
+    result: object | None  # brainscan.results.AnalysisResult
+    error: str | None
+    latency_ms: float
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two [x0, y0, x1, y1] boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """[x0, y0, x1, y1) of a bool mask's set pixels."""
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+    return float(x), float(y), float(x + w), float(y + h)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    total = int(pred.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
+
+
+def serve_all(call: Callable[[Path], object], paths: Sequence[Path], concurrency: int, desc: str) -> list[Served]:
+    """Call the gateway on every path, `concurrency` at a time; results in input order."""
+    from brainscan.errors import BrainscanError
+
+    def one(path: Path) -> Served:
+        started = time.perf_counter()
+        try:
+            result, error = call(path), None
+        except BrainscanError as failure:
+            result, error = None, type(failure).__name__
+        return Served(result, error, (time.perf_counter() - started) * 1000.0)
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(tqdm(pool.map(one, paths), total=len(paths), desc=desc, unit="img"))
+
+
+def classification_report(items: list[tuple[Path, str]], served: list[Served]) -> dict[str, object]:
+    answered = [(label, s.result) for (_, label), s in zip(items, served) if s.result is not None]
+    if not answered:
+        return {"n": 0}
+    truth = np.array([CLASS_LABELS.index(label) for label, _ in answered])
+    pred = np.array([CLASS_LABELS.index(result.label) for _, result in answered])  # type: ignore[attr-defined]
+    tumor = np.array([result.tumor_detected for _, result in answered])  # type: ignore[attr-defined]
+    return label_metrics(truth, pred, tumor)
+
+
+def false_alarm_report(served: list[Served]) -> dict[str, object]:
+    results = [s.result for s in served if s.result is not None]
+    if not results:
+        return {"n": 0}
+
+    def share(flags: list[bool]) -> float:
+        return round(float(np.mean(flags)), 4)
+
+    masks = [r.mask is not None for r in results]  # type: ignore[attr-defined]
+    instances = [len(r.instances) > 0 for r in results]  # type: ignore[attr-defined]
+    return {
+        "n": len(results),
+        "tumor_detected": share([r.tumor_detected for r in results]),  # type: ignore[attr-defined]
+        "mask_shown": share(masks),
+        "instance_shown": share(instances),
+        "anything_shown": share([m or i for m, i in zip(masks, instances)]),
+    }
+
+
+def localization_report(slices: list[AnnotatedSlice], served: list[Served]) -> dict[str, object]:
+    dices, detected, regions, found, extra = [], [], 0, 0, 0
+    for item, outcome in zip(slices, served):
+        result = outcome.result
+        if result is None:
+            continue
+        height, width = result.image_size  # type: ignore[attr-defined]
+        truth_masks = item.instance_masks(height, width)
+        truth = np.zeros((height, width), dtype=bool)
+        for mask in truth_masks:
+            truth |= mask
+        served_mask = result.mask if result.mask is not None else np.zeros_like(truth)  # type: ignore[attr-defined]
+        dices.append(dice(served_mask, truth))
+        detected.append(bool(result.tumor_detected))  # type: ignore[attr-defined]
+        boxes = [instance.box for instance in result.instances]  # type: ignore[attr-defined]
+        truth_boxes = [mask_box(mask) for mask in truth_masks if mask.any()]
+        regions += len(truth_boxes)
+        found += sum(any(box_iou(t, b) >= IOU_MATCH for b in boxes) for t in truth_boxes)
+        extra += sum(not any(box_iou(b, t) >= IOU_MATCH for t in truth_boxes) for b in boxes)
+    if not dices:
+        return {"n": 0}
+    return {
+        "n": len(dices),
+        "tumor_detected": round(float(np.mean(detected)), 4),
+        "mask_dice": round(float(np.mean(dices)), 4),
+        "median_mask_dice": round(float(np.median(dices)), 4),
+        "tumors": regions,
+        "tumor_recall_box_iou_0.5": round(found / regions, 4) if regions else None,
+        "unmatched_instances_per_slice": round(extra / len(dices), 4),
+    }
+
+
+def full_and_duplicate_free(
+    report: Callable[[list[Item], list[Served]], dict[str, object]],
+    items: list[Item],
+    served: list[Served],
+    free: list[bool],
+) -> dict[str, object]:
+    keep = [i for i, flag in enumerate(free) if flag]
+    return {
+        "full": report(items, served),
+        "duplicate_free": report([items[i] for i in keep], [served[i] for i in keep]),
+    }
+
+
+def spread(items: list[Item], limit: int) -> list[Item]:
+    """At most `limit` items taken evenly across the list (every class of a sorted split); 0 = all."""
+    if not limit or limit >= len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def evaluate_service(client: object, data_root: Path, *, gate: bool, concurrency: int, limit: int = 0) -> dict[str, object]:
+    """Every evaluation split through `client` (a brainscan.Client); the report as a JSON-able dict."""
+    from export.audit import load_or_build_audit
+
+    audit = load_or_build_audit(data_root)
+
+    def call(path: Path) -> object:
+        return client.analyze(path, gate=gate, image_id=path.name)  # type: ignore[attr-defined]
+
+    splits: dict[str, object] = {}
+    every_call: list[Served] = []
+    items = spread(load_classification_split(data_root, "Testing"), limit)
+    served = serve_all(call, [path for path, _ in items], concurrency, CLASSIFIER_SPLIT)
+    every_call += served
+    free = [audit.is_duplicate_free(CLASSIFIER_SPLIT, path) for path, _ in items]
+    splits[CLASSIFIER_SPLIT] = full_and_duplicate_free(classification_report, items, served, free)
+    negatives = [i for i, (_, label) in enumerate(items) if label == "no_tumor"]
+    splits[f"{CLASSIFIER_SPLIT}/no_tumor"] = {
+        "full": false_alarm_report([served[i] for i in negatives]),
+        "duplicate_free": false_alarm_report([served[i] for i in negatives if free[i]]),
+    }
+    for key in SEGMENTATION_SPLITS:
+        dataset, split = key.split("/")
+        slices = spread(load_via_split(data_root, dataset, split), limit)
+        served = serve_all(call, [item.path for item in slices], concurrency, key)
+        every_call += served
+        free = [audit.is_duplicate_free(key, item.path) for item in slices]
+        splits[key] = full_and_duplicate_free(localization_report, slices, served, free)
+    latencies = np.array([s.latency_ms for s in every_call if s.result is not None])
+    return {
+        "gated": gate,
+        "concurrency": concurrency,
+        "evaluated": dt.date.today().isoformat(),
+        "calls": len(every_call),
+        "refused": dict(Counter(s.error for s in every_call if s.error is not None)),
+        "latency_ms": {
+            "p50": round(float(np.percentile(latencies, 50)), 2) if latencies.size else None,
+            "p99": round(float(np.percentile(latencies, 99)), 2) if latencies.size else None,
+        },
+        "splits": splits,
+    }
+
+
+# --- CLI -------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from brainscan.cli import add_connection_flags
+
+    parser = argparse.ArgumentParser(
+        description="Send every evaluation split through a running gateway and score what it returns, as served. "
+        "Start one first: brainscan serve."
+    )
+    add_connection_flags(parser)
+    parser.add_argument("--data", type=Path, default=default_data_root(), help="datasets root (default: $BRAINSCAN_DATA or ../shared/datasets)")
+    parser.add_argument("--ungated", action="store_true", help="run U-Net/Mask R-CNN on every slice, not only where the classifier sees a tumor")
+    parser.add_argument("--concurrency", type=int, default=4, help="calls in flight at once (default 4)")
+    parser.add_argument("--limit", type=int, default=0, help="at most N slices per split, spread evenly (smoke runs); 0 = all")
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds (default 60)")
+    parser.add_argument("--output", type=Path, default=None, help="also write the JSON to this file")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    from brainscan.cli import connect
+    from brainscan.errors import BrainscanError
+
+    if not Path(args.data).is_dir():
+        print(f"datasets folder {args.data} not found; pass --data or set BRAINSCAN_DATA", file=sys.stderr)
+        return 2
+    if args.concurrency < 1:
+        print("--concurrency must be at least 1", file=sys.stderr)
+        return 2
+    with connect(args, timeout_s=args.timeout) as client:
+        try:
+            info = client.model_info()
+        except BrainscanError as error:
+            print(f"no gateway answering at {args.server} ({error}); start one with `brainscan serve`", file=sys.stderr)
+            return 2
+        report = evaluate_service(client, args.data, gate=not args.ungated, concurrency=args.concurrency, limit=args.limit)
+    report = {
+        "gateway": args.server,
+        "backend": info.backend,
+        "tumor_threshold": info.tumor_threshold,
+        "models": {model.role: f"{model.name}:{model.version}" for model in info.models},
+        **report,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))

@@ -1,0 +1,87 @@
+"""`brainscan evaluate service`: the evaluation splits through a real gateway, scored as served.
+
+The served answers must equal the models run directly on the same files (the
+tiny random-weight repository): a parity check of serving against evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.datasets import CLASS_LABELS, default_data_root, load_classification_split, load_via_split
+
+DATA_ROOT = default_data_root()
+needs_data = pytest.mark.skipif(
+    not (DATA_ROOT / "sartaj-classification").is_dir(),
+    reason=f"shared datasets not found at {DATA_ROOT} (set BRAINSCAN_DATA to run these)",
+)
+LIMIT = 24
+
+
+def run_service_evaluation(address: str, out: Path, *extra: str) -> dict:
+    from export.evaluate_service import get_args_parser, main
+
+    args = get_args_parser().parse_args(
+        ["--server", address, "--data", str(DATA_ROOT), "--limit", str(LIMIT), "--output", str(out), *extra]
+    )
+    assert main(args) == 0
+    return json.loads(out.read_text())
+
+
+@needs_data
+def test_served_labels_and_masks_match_the_models_run_directly(embedded_gateway, tiny_repository: Path, tmp_path: Path) -> None:
+    from export.evaluate_keras import OnnxModel, label_metrics
+    from export.evaluate_service import dice, spread
+    from gateway.preprocessing import load_image_file, mask_to_original, prepare
+
+    report = run_service_evaluation(embedded_gateway.address, tmp_path / "report.json", "--ungated")
+    assert report["gated"] is False and report["refused"] == {}
+    assert report["calls"] == LIMIT + LIMIT + 4  # Testing, br35h val, ruslan-kl test (4 images)
+
+    classifier = OnnxModel(tiny_repository, "classifier")
+    items = spread(load_classification_split(DATA_ROOT, "Testing"), LIMIT)
+    assert len({label for _, label in items}) == len(CLASS_LABELS)  # spread reaches every class
+    probabilities = np.concatenate(
+        [classifier.run(prepare(load_image_file(str(p)).pixels, classifier.size).tensor[None, ..., None]) for p, _ in items]
+    )
+    no_tumor = CLASS_LABELS.index("no_tumor")
+    tumor = (1.0 - probabilities[:, no_tumor]) >= report["tumor_threshold"]
+    tumor_only = probabilities.copy()
+    tumor_only[:, no_tumor] = -1.0
+    label = np.where(tumor, tumor_only.argmax(axis=1), no_tumor)  # the gateway's label rule
+    truth = np.array([CLASS_LABELS.index(name) for _, name in items])
+    assert report["splits"]["sartaj-classification/Testing"]["full"] == label_metrics(truth, label, tumor)
+
+    unet = OnnxModel(tiny_repository, "unet")
+    slices = spread(load_via_split(DATA_ROOT, "br35h-polygons", "val"), LIMIT)
+    dices = []
+    for item in slices:
+        gray = load_image_file(str(item.path)).pixels
+        prepared = prepare(gray, unet.size)
+        mask = mask_to_original(unet.run(prepared.tensor[None, ..., None])[0, ..., 0], prepared) >= 0.5
+        dices.append(dice(mask, item.union_mask(*gray.shape)))
+    served = report["splits"]["br35h-polygons/val"]["full"]
+    assert served["n"] == len(slices)
+    assert served["mask_dice"] == pytest.approx(np.mean(dices), abs=2e-3)
+
+
+@needs_data
+def test_gated_evaluation_shows_nothing_where_no_tumor_was_seen(embedded_gateway, tmp_path: Path) -> None:
+    report = run_service_evaluation(embedded_gateway.address, tmp_path / "report.json")
+    assert report["gated"] is True
+    alarms = report["splits"]["sartaj-classification/Testing/no_tumor"]["full"]
+    assert alarms["n"] > 0
+    assert alarms["anything_shown"] <= alarms["tumor_detected"]
+    assert report["latency_ms"]["p50"] > 0
+
+
+def test_no_gateway_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from export.evaluate_service import get_args_parser, main
+
+    args = get_args_parser().parse_args(["--server", "127.0.0.1:1", "--data", str(tmp_path), "--timeout", "2"])
+    assert main(args) == 2
+    assert "start one with `brainscan serve`" in capsys.readouterr().err
