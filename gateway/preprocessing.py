@@ -276,12 +276,23 @@ def _decode_raster(data: bytes, *, max_side: int) -> DecodedImage:
     # Read the header first so a decompression bomb is refused before allocating it.
     width, height = _raster_size(data)
     _check_size((height, width), max_side)
+    is_png = data[:8] == _PNG_MAGIC
+    if not is_png and not _jpeg_is_complete(data):
+        # libjpeg pads a cut-off scan with gray and only warns; refuse instead of guessing.
+        raise InvalidImage(f"JPEG data ends before its end-of-image marker ({len(data)} bytes; truncated?)")
     buffer = np.frombuffer(data, dtype=np.uint8)
     decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if decoded is None:
         raise InvalidImage(f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)")
-    source = "png" if data[:8] == _PNG_MAGIC else "jpeg"
+    source = "png" if is_png else "jpeg"
     return DecodedImage(pixels=to_unit_gray(decoded, max_side=max_side, bgr=True), source_format=source)
+
+
+def _jpeg_is_complete(data: bytes) -> bool:
+    """An end-of-image marker follows the last start-of-scan. Inside scan data every 0xFF byte is
+    stuffed (FF 00) or a restart marker, so FF D9 after the last FF DA can only be the real end."""
+    last_scan = data.rfind(b"\xff\xda")
+    return last_scan > 0 and data.rfind(b"\xff\xd9") > last_scan
 
 
 def _raster_size(data: bytes) -> tuple[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import cv2
 import grpc
 import numpy as np
 import pytest
@@ -37,6 +38,7 @@ BAD_ENCODED = {
     "empty bytes": (b"", "empty"),
     "text bytes": (b"hello, this is not an image at all" * 10, "unrecognised image format"),
     "truncated PNG": (png_bytes(synthetic_slice(128))[:200], "could not be decoded"),
+    "truncated JPEG": (cv2.imencode(".jpg", synthetic_slice(128))[1].tobytes()[:-600], "truncated"),
     "1x1 PNG": (png_bytes(np.zeros((1, 1), np.uint8)), "at least"),
     "20000x20000 PNG": (png_header_only(20000, 20000), "at most"),
     "60000x60000 JPEG": (jpeg_header_only(60000, 60000), "at most"),
