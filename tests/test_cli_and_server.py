@@ -38,8 +38,9 @@ def test_reflection_lists_the_services(embedded_gateway):
 
 def test_cli_analyze_json_and_overlay(embedded_gateway, tmp_path):
     paths = []
-    for index in range(2):
-        path = tmp_path / f"slice {index}.png"
+    for index in range(2):  # the same file name in two folders: two overlays, neither overwritten
+        path = tmp_path / f"series {index}" / "slice (1).png"
+        path.parent.mkdir()
         path.write_bytes(png_bytes(synthetic_slice(180, seed=index)))
         paths.append(str(path))
     out = tmp_path / "overlays"
@@ -49,10 +50,12 @@ def test_cli_analyze_json_and_overlay(embedded_gateway, tmp_path):
     assert [line["image"] for line in lines] == paths
     for line in lines:
         assert set(line) >= {"image", "label", "probabilities", "tumor_probability", "segmentation", "instances", "models", "timings_ms"}
+        assert line["segmentation_ran"] is True and line["detection_ran"] is True  # --ungated: both always run
+        assert line["image_size"] == [180, 180] and isinstance(line["tumor_detected"], bool)
         for instance in line["instances"]:
             assert set(instance) >= {"box", "score", "area_px"} and len(instance["box"]) == 4
     overlays = sorted(out.glob("*.png"))
-    assert len(overlays) == 2
+    assert [o.name for o in overlays] == ["slice (1)-2.overlay.png", "slice (1).overlay.png"]
     assert Image.open(overlays[0]).size == (180, 180) and Image.open(overlays[0]).mode == "RGB"
 
 
@@ -65,6 +68,18 @@ def test_cli_analyze_table_and_bad_file(embedded_gateway, tmp_path):
     assert done.returncode == 1
     assert "label:" in done.stdout and "p(tumor)" in done.stdout
     assert "bad.png" in done.stderr and "INVALID_ARGUMENT" in done.stderr
+
+
+def test_cli_analyze_goes_on_after_a_file_too_big_for_the_gateway(embedded_gateway, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes(synthetic_slice(64)) + bytes(33 * 2**20))  # over the gateway's 32 MiB message limit
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(synthetic_slice(128)))
+    done = brainscan("analyze", str(big), str(good), "--server", embedded_gateway.address)
+    assert done.returncode == 1
+    assert "big.png" in done.stderr and "too big" in done.stderr
+    assert "good.png" in done.stdout and "label:" in done.stdout
+    assert embedded_gateway.alive()
 
 
 def test_cli_analyze_reports_an_unreachable_server(tmp_path):

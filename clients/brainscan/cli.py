@@ -183,22 +183,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from brainscan.errors import BrainscanError, InvalidInput
+    from brainscan.errors import BrainscanError, ServerUnavailable, Unauthenticated
 
     failures = 0
+    overlay_names: set[str] = set()
     with connect(args, timeout_s=args.timeout) as client:
         for path in args.images:
             try:
                 result = client.analyze(
                     path, segment=not args.no_segment, detect=not args.no_detect, gate=not args.ungated
                 )
-            except InvalidInput as error:
+            except (ServerUnavailable, Unauthenticated) as error:  # every other file would fail the same way
+                print(f"brainscan analyze: {error}", file=sys.stderr)
+                return 1
+            except BrainscanError as error:  # this file only: report it and go on
                 failures += 1
                 print(f"{path}: {error}", file=sys.stderr)
                 continue
-            except BrainscanError as error:
-                print(f"brainscan analyze: {error}", file=sys.stderr)
-                return 1
             if args.json:
                 print(json.dumps(result.to_json_dict()), flush=True)
             else:
@@ -206,10 +207,21 @@ def _analyze(args: argparse.Namespace) -> int:
             if args.overlay:
                 from brainscan.overlay import write_overlay
 
-                target = write_overlay(path, result, args.overlay)
+                target = write_overlay(path, result, args.overlay, name=_unique_stem(path, overlay_names))
                 if not args.json:
                     print(f"  overlay: {target}")
     return 1 if failures else 0
+
+
+def _unique_stem(path: Path, taken: set[str]) -> str:
+    """The file's stem, or stem-2, stem-3, … when an earlier file of this run had the same one
+    (datasets reuse names such as image(1).jpg in every class folder)."""
+    stem, number = path.stem, 1
+    while stem in taken:
+        number += 1
+        stem = f"{path.stem}-{number}"
+    taken.add(stem)
+    return stem
 
 
 def _info(args: argparse.Namespace) -> int:

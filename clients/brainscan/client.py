@@ -124,7 +124,7 @@ class Client:
     ) -> AnalysisResult:
         request = build_request(image, segment=segment, detect=detect, gate=gate, image_id=image_id)
         try:
-            response = self._stub.Analyze(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+            response = self._stub.Analyze(request, timeout=self.timeout_s if timeout_s is None else timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return result_from_response(response)
@@ -197,7 +197,7 @@ class AsyncClient:
     ) -> AnalysisResult:
         request = build_request(image, segment=segment, detect=detect, gate=gate, image_id=image_id)
         try:
-            response = await self._stub.Analyze(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+            response = await self._stub.Analyze(request, timeout=self.timeout_s if timeout_s is None else timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return result_from_response(response)

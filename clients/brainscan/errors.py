@@ -1,9 +1,10 @@
 """The SDK's one exception tree.
 
     BrainscanError
-    ├── InvalidInput          the image was refused (client-side check or INVALID_ARGUMENT)
+    ├── InvalidInput          the image was refused (client-side check, INVALID_ARGUMENT, or a
+    │                         message over gRPC's size limit: RESOURCE_EXHAUSTED "larger than max")
     ├── Unauthenticated       missing or wrong token (UNAUTHENTICATED)
-    ├── Overloaded            the server is at capacity or the request too big (RESOURCE_EXHAUSTED)
+    ├── Overloaded            the server is at capacity (RESOURCE_EXHAUSTED)
     ├── ServerUnavailable     server or model server unreachable (UNAVAILABLE)
     ├── DeadlineExceeded      no answer within the deadline (DEADLINE_EXCEEDED)
     └── ServerError           anything else the server reported
@@ -62,4 +63,8 @@ def from_status(code: str, message: str) -> BrainscanError:
 def from_rpc_error(error: grpc.RpcError) -> BrainscanError:
     code = error.code()  # type: ignore[attr-defined]
     name = code.name if code is not None else "UNKNOWN"
-    return from_status(name, error.details() or "")  # type: ignore[attr-defined]
+    details = error.details() or ""  # type: ignore[attr-defined]
+    if name == "RESOURCE_EXHAUSTED" and "larger than max" in details:
+        # gRPC's own message-size limit (either side), not a busy server: retrying will not help.
+        return InvalidInput(f"{name}: the request is too big for the gateway ({details})", name)
+    return from_status(name, details)

@@ -29,11 +29,12 @@ def render_overlay(gray: np.ndarray, result: AnalysisResult) -> Image.Image:
     return image
 
 
-def write_overlay(image_path: Path, result: AnalysisResult, out_dir: Path) -> Path:
+def write_overlay(image_path: Path, result: AnalysisResult, out_dir: Path, *, name: str | None = None) -> Path:
+    """`<out_dir>/<name or the image's stem>.overlay.png`."""
     from gateway.preprocessing import load_image_file
 
     gray = load_image_file(str(image_path)).pixels
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{image_path.stem}.overlay.png"
+    target = out_dir / f"{name or image_path.stem}.overlay.png"
     render_overlay(gray, result).save(target)
     return target

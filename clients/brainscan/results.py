@@ -48,6 +48,11 @@ class AnalysisResult:
             "label": self.label,
             "probabilities": {k: round(v, 6) for k, v in sorted(self.probabilities.items())},
             "tumor_probability": round(self.tumor_probability, 6),
+            "tumor_detected": self.tumor_detected,
+            "image_size": list(self.image_size),
+            # null segmentation / empty instances mean "found nothing" only where the model ran
+            "segmentation_ran": self.segmentation_ran,
+            "detection_ran": self.detection_ran,
             "segmentation": None
             if self.mask is None
             else {
