@@ -285,8 +285,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", choices=("classifier", "unet"), help="which model to evaluate")
     parser.add_argument("--data", type=Path, default=default_data_root(), help="datasets root (default: $BRAINSCAN_DATA or ../shared/datasets)")
     parser.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository", help="model repository holding <model>/1/model.onnx")
-    parser.add_argument("--batch-size", type=int, default=16, help="ONNX Runtime batch size")
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--batch-size", type=int, default=16, help="ONNX Runtime batch size (default 16)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON to this file")
     parser.add_argument("--check", action="store_true", help="exit 1 when a quality target is missed")
     parser.add_argument(
@@ -300,17 +300,25 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    if not Path(args.data).is_dir():
-        print(f"datasets folder {args.data} not found; pass --data or set BRAINSCAN_DATA")
-        return 2
-    report = evaluate(
-        args.model,
-        data_root=args.data,
-        repository=args.repository,
-        batch_size=args.batch_size,
-        threads=args.threads,
-        errors_dir=args.errors,
-    )
+    from export.cli_checks import DATA_HINT, argument_problem, fail
+    from gateway.errors import BrainscanError
+
+    prog = f"brainscan evaluate {args.model}"
+    if problem := argument_problem(data=args.data, output=args.output, errors_dir=args.errors):
+        return fail(prog, problem)
+    try:
+        report = evaluate(
+            args.model,
+            data_root=args.data,
+            repository=args.repository,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            errors_dir=args.errors,
+        )
+    except FileNotFoundError as error:
+        return fail(prog, f"{error}; {DATA_HINT}")
+    except BrainscanError as error:  # a missing or inconsistent model repository
+        return fail(prog, str(error))
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

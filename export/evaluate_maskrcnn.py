@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -37,7 +38,11 @@ from gateway.preprocessing import PreparedImage, boxes_to_original, crop_and_res
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DETECTION_SPLITS = ("br35h-polygons/val", "ruslan-kl-polygons/test")
 NEGATIVE_SPLIT = "sartaj-classification/Testing"
+DEFAULT_OUT = REPO_ROOT / "runs" / "maskrcnn" / "evaluation.json"
 TARGETS = {"box_ap50": 0.90, "mask_ap50": 0.85, "no_tumor_fp_rate_max": 0.05}
+
+if TYPE_CHECKING:
+    from export.audit import Audit
 
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]  # [1,S,S] → boxes, scores, masks
 
@@ -161,11 +166,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=default_data_root(), help="datasets root (default: $BRAINSCAN_DATA or ../shared/datasets)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="evaluate a training checkpoint (PyTorch) instead of the ONNX file")
     parser.add_argument("--onnx", type=Path, default=REPO_ROOT / "model_repository" / "maskrcnn", help="exported model folder evaluated through ONNX Runtime (default: the committed model_repository/maskrcnn)")
-    parser.add_argument("--threshold", type=float, default=SERVING_THRESHOLD, help="serving score threshold (false-positive rate, detected share)")
-    parser.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime threads")
+    parser.add_argument("--threshold", type=float, default=SERVING_THRESHOLD, help=f"serving score threshold (false-positive rate, detected share; default {SERVING_THRESHOLD})")
+    parser.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (checkpoints only)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N slices of each split (smoke tests); 0 = all")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "maskrcnn" / "evaluation.json", help="where to write the metrics JSON")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where to write the metrics JSON (default {DEFAULT_OUT.relative_to(REPO_ROOT)}, which "
+                        "`brainscan export maskrcnn` puts in the model card; with --limit, only where given)")
     parser.add_argument("--errors", type=Path, default=None, metavar="DIR",
                         help="also write an error gallery to DIR: a contact sheet per kind of error and errors.csv")
     return parser
@@ -173,21 +180,34 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from export.audit import load_or_build_audit
+    from export.cli_checks import DATA_HINT, argument_problem, fail
+    from gateway.errors import BrainscanError
 
-    if not Path(args.data).is_dir():
-        print(f"datasets folder {args.data} not found; pass --data or set BRAINSCAN_DATA")
-        return 2
+    prog = "brainscan evaluate maskrcnn"
+    if problem := argument_problem(data=args.data, output=args.out, errors_dir=args.errors, limit=args.limit):
+        return fail(prog, problem)
+    # A smoke run (--limit) must not replace the full evaluation the model card is built from.
+    out = args.out if args.out is not None or args.limit else DEFAULT_OUT
     torch.set_num_threads(args.threads)
     if args.checkpoint is None:
-        run, size = onnx_runner(args.onnx, args.threads)
+        try:
+            run, size = onnx_runner(args.onnx, args.threads)
+        except BrainscanError as error:  # no model folder, or a config that does not match its file
+            return fail(prog, str(error))
         source = f"onnx:{args.onnx}"
     else:
         if not Path(args.checkpoint).is_file():
-            print(f"checkpoint {args.checkpoint} not found; run `brainscan train maskrcnn` first")
-            return 2
+            return fail(prog, f"checkpoint {args.checkpoint} not found; run `brainscan train maskrcnn` first")
         run, size = torch_runner(args.checkpoint, args.device)
         source = f"checkpoint:{args.checkpoint}"
-    audit = load_or_build_audit(args.data)
+    try:
+        return _evaluate(args, run, size, source, out, load_or_build_audit(args.data))
+    except FileNotFoundError as error:
+        return fail(prog, f"{error}; {DATA_HINT}")
+
+
+def _evaluate(args: argparse.Namespace, run: Runner, size: int, source: str, out: Path | None, audit: Audit) -> int:
+    """Every split through `run`; prints the JSON and writes it to `out` (when given)."""
     limit = args.limit or None
     errors: list[ErrorCase] | None = None if args.errors is None else []
     started = time.time()
@@ -212,8 +232,9 @@ def main(args: argparse.Namespace) -> int:
         "targets": targets_report(results),
         "seconds": round(time.time() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
     return 0
 

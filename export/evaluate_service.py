@@ -150,14 +150,21 @@ def localization_report(slices: list[AnnotatedSlice], served: list[Served]) -> d
     }
 
 
+def failures(served: list[Served]) -> dict[str, object]:
+    """How many calls were sent, and how many the gateway refused or failed, by SDK error."""
+    return {"sent": len(served), "failed": dict(Counter(s.error for s in served if s.error is not None))}
+
+
 def full_and_duplicate_free(
     report: Callable[[list[Item], list[Served]], dict[str, object]],
     items: list[Item],
     served: list[Served],
     free: list[bool],
 ) -> dict[str, object]:
+    """The report on the whole split and on its duplicate-free subset; scores cover answered calls only."""
     keep = [i for i, flag in enumerate(free) if flag]
     return {
+        **failures(served),
         "full": report(items, served),
         "duplicate_free": report([items[i] for i in keep], [served[i] for i in keep]),
     }
@@ -170,14 +177,17 @@ def spread(items: list[Item], limit: int) -> list[Item]:
     return [items[i * len(items) // limit] for i in range(limit)]
 
 
-def evaluate_service(client: object, data_root: Path, *, gate: bool, concurrency: int, limit: int = 0) -> dict[str, object]:
-    """Every evaluation split through `client` (a brainscan.Client); the report as a JSON-able dict."""
+def evaluate_service(
+    client: object, data_root: Path, *, gate: bool, concurrency: int, limit: int = 0, timeout_s: float | None = None
+) -> dict[str, object]:
+    """Every evaluation split through `client` (a brainscan.Client); the report as a JSON-able dict.
+    Each split says how many calls it sent and which failed; scores cover the answered calls."""
     from export.audit import load_or_build_audit
 
     audit = load_or_build_audit(data_root)
 
     def call(path: Path) -> object:
-        return client.analyze(path, gate=gate, image_id=path.name)  # type: ignore[attr-defined]
+        return client.analyze(path, gate=gate, image_id=path.name, timeout_s=timeout_s)  # type: ignore[attr-defined]
 
     splits: dict[str, object] = {}
     every_call: list[Served] = []
@@ -188,6 +198,7 @@ def evaluate_service(client: object, data_root: Path, *, gate: bool, concurrency
     splits[CLASSIFIER_SPLIT] = full_and_duplicate_free(classification_report, items, served, free)
     negatives = [i for i, (_, label) in enumerate(items) if label == "no_tumor"]
     splits[f"{CLASSIFIER_SPLIT}/no_tumor"] = {
+        **failures([served[i] for i in negatives]),
         "full": false_alarm_report([served[i] for i in negatives]),
         "duplicate_free": false_alarm_report([served[i] for i in negatives if free[i]]),
     }
@@ -204,8 +215,8 @@ def evaluate_service(client: object, data_root: Path, *, gate: bool, concurrency
         "concurrency": concurrency,
         "evaluated": dt.date.today().isoformat(),
         "calls": len(every_call),
-        "refused": dict(Counter(s.error for s in every_call if s.error is not None)),
-        "latency_ms": {
+        "failed": dict(Counter(s.error for s in every_call if s.error is not None)),
+        "latency_ms": {  # of the answered calls
             "p50": round(float(np.percentile(latencies, 50)), 2) if latencies.size else None,
             "p99": round(float(np.percentile(latencies, 99)), 2) if latencies.size else None,
         },
@@ -228,28 +239,39 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ungated", action="store_true", help="run U-Net/Mask R-CNN on every slice, not only where the classifier sees a tumor")
     parser.add_argument("--concurrency", type=int, default=4, help="calls in flight at once (default 4)")
     parser.add_argument("--limit", type=int, default=0, help="at most N slices per split, spread evenly (smoke runs); 0 = all")
-    parser.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds (default 60)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="deadline of each slice's call in seconds (default 60)")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON to this file")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    """0 when every call was answered, 1 when some failed (the report says which), 2 on a usage error."""
     from brainscan.cli import connect
-    from brainscan.errors import BrainscanError
+    from brainscan.errors import BrainscanError, ServerUnavailable
 
-    if not Path(args.data).is_dir():
-        print(f"datasets folder {args.data} not found; pass --data or set BRAINSCAN_DATA", file=sys.stderr)
-        return 2
+    from export.cli_checks import DATA_HINT, argument_problem, fail
+
+    prog = "brainscan evaluate service"
+    if problem := argument_problem(data=args.data, output=args.output, limit=args.limit):
+        return fail(prog, problem)
     if args.concurrency < 1:
-        print("--concurrency must be at least 1", file=sys.stderr)
-        return 2
-    with connect(args, timeout_s=args.timeout) as client:
+        return fail(prog, "--concurrency must be at least 1")
+    with connect(args) as client:
         try:
             info = client.model_info()
+        except ServerUnavailable as error:
+            return fail(prog, f"no gateway answering at {args.server} ({error}); start one with `brainscan serve`")
         except BrainscanError as error:
-            print(f"no gateway answering at {args.server} ({error}); start one with `brainscan serve`", file=sys.stderr)
-            return 2
-        report = evaluate_service(client, args.data, gate=not args.ungated, concurrency=args.concurrency, limit=args.limit)
+            return fail(prog, f"the gateway at {args.server} refused: {error}")
+        labels = {label for model in info.models if model.role == "classifier" for label in model.labels}
+        if labels != set(CLASS_LABELS):
+            return fail(prog, f"the gateway's classifier labels {sorted(labels)} are not this dataset's {list(CLASS_LABELS)}")
+        try:
+            report = evaluate_service(
+                client, args.data, gate=not args.ungated, concurrency=args.concurrency, limit=args.limit, timeout_s=args.timeout
+            )
+        except FileNotFoundError as error:
+            return fail(prog, f"{error}; {DATA_HINT}")
     report = {
         "gateway": args.server,
         "backend": info.backend,
@@ -261,6 +283,10 @@ def main(args: argparse.Namespace) -> int:
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
+    if report["failed"]:
+        print(f"{prog}: {sum(report['failed'].values())} of {report['calls']} calls failed {report['failed']}; "
+              "the scores cover the answered ones only", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -39,7 +39,8 @@ def test_served_labels_and_masks_match_the_models_run_directly(embedded_gateway,
     from gateway.preprocessing import load_image_file, mask_to_original, prepare
 
     report = run_service_evaluation(embedded_gateway.address, tmp_path / "report.json", "--ungated")
-    assert report["gated"] is False and report["refused"] == {}
+    assert report["gated"] is False and report["failed"] == {}
+    assert report["splits"]["br35h-polygons/val"]["sent"] == LIMIT
     assert report["calls"] == LIMIT + LIMIT + 4  # Testing, br35h val, ruslan-kl test (4 images)
 
     classifier = OnnxModel(tiny_repository, "classifier")
@@ -79,9 +80,34 @@ def test_gated_evaluation_shows_nothing_where_no_tumor_was_seen(embedded_gateway
     assert report["latency_ms"]["p50"] > 0
 
 
-def test_no_gateway_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@needs_data
+def test_failed_calls_are_counted_per_split_and_fail_the_run(embedded_gateway, tmp_path: Path) -> None:
     from export.evaluate_service import get_args_parser, main
 
-    args = get_args_parser().parse_args(["--server", "127.0.0.1:1", "--data", str(tmp_path), "--timeout", "2"])
+    out = tmp_path / "report.json"
+    args = get_args_parser().parse_args(
+        ["--server", embedded_gateway.address, "--data", str(DATA_ROOT), "--limit", "4", "--timeout", "0.000001",
+         "--output", str(out)]
+    )
+    assert main(args) == 1
+    report = json.loads(out.read_text())
+    assert report["failed"] == {"DeadlineExceeded": report["calls"]}
+    testing = report["splits"]["sartaj-classification/Testing"]
+    assert testing["sent"] == 4 and testing["failed"] == {"DeadlineExceeded": 4} and testing["full"] == {"n": 0}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--server", "127.0.0.1:1"], "start one with `brainscan serve`"),
+        (["--limit", "-1"], "--limit must be 0"),
+        (["--output", "."], "is a folder"),
+        (["--concurrency", "0"], "--concurrency must be at least 1"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from export.evaluate_service import get_args_parser, main
+
+    args = get_args_parser().parse_args(["--data", str(tmp_path), "--timeout", "2", *flags])
     assert main(args) == 2
-    assert "start one with `brainscan serve`" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

@@ -180,3 +180,21 @@ def test_error_gallery_holds_exactly_the_errors_the_metrics_count(tiny_repositor
     for group, count in expected.items():
         sheet = cv2.imread(str(tmp_path / f"{group}.png"))
         assert sheet.shape == (TILE_SIDE * -(-count // COLUMNS), TILE_SIDE * COLUMNS, 3)
+        assert [int(row["tile"]) for row in rows if row["group"] == group] == list(range(1, count + 1))
+
+
+def test_error_gallery_rerun_into_the_same_folder_leaves_no_stale_sheets(tmp_path: Path) -> None:
+    from export.error_gallery import ErrorCase, write_gallery
+
+    def case(group: str) -> ErrorCase:
+        return ErrorCase(group, tmp_path / "a.jpg", False, "glioma", "meningioma", 0.7, np.zeros((32, 32), np.float32))
+
+    (tmp_path / "notes.png").write_bytes(b"not ours")
+    write_gallery([case("first"), case("second")], tmp_path, data_root=tmp_path)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"first.png", "second.png", "notes.png"}
+    write_gallery([case("second")], tmp_path, data_root=tmp_path)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"second.png", "notes.png"}
+    write_gallery([], tmp_path, data_root=tmp_path)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"notes.png"}
+    assert (tmp_path / "errors.csv").read_text().splitlines() == [",".join(
+        ("group", "tile", "path", "duplicate_free", "truth", "prediction", "score"))]

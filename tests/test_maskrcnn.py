@@ -257,3 +257,24 @@ def test_error_gallery_holds_exactly_the_misses_and_false_positives(
     assert len(rows) == sum(expected.values())
     assert all((DATA / row["path"]).is_file() for row in rows)
     assert all((errors / f"{group}.png").is_file() for group in expected)
+
+
+@needs_data
+def test_a_limited_run_does_not_replace_the_evaluation_the_card_reads(tiny_repositories: dict[str, Path], capsys) -> None:
+    from export.evaluate_maskrcnn import DEFAULT_OUT, get_args_parser, main
+
+    before = DEFAULT_OUT.stat().st_mtime_ns if DEFAULT_OUT.exists() else None
+    args = get_args_parser().parse_args(
+        ["--data", str(DATA), "--onnx", str(tiny_repositories["empty"] / "maskrcnn"), "--threads", "1", "--limit", "2"]
+    )
+    assert main(args) == 0
+    assert '"results"' in capsys.readouterr().out
+    assert (DEFAULT_OUT.stat().st_mtime_ns if DEFAULT_OUT.exists() else None) == before
+
+
+def test_evaluate_maskrcnn_reports_a_missing_model_folder(tmp_path: Path, capsys) -> None:
+    from export.evaluate_maskrcnn import get_args_parser, main
+
+    args = get_args_parser().parse_args(["--data", str(tmp_path), "--onnx", str(tmp_path / "nope")])
+    assert main(args) == 2
+    assert "nope" in capsys.readouterr().err

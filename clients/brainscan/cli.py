@@ -108,6 +108,8 @@ def connect(args: argparse.Namespace, **kwargs: object):
 
     from brainscan.client import Client
 
+    if args.token_file and not args.token_file.is_file():
+        raise SystemExit(f"brainscan: token file {args.token_file} not found")
     token = args.token_file.read_text().strip() if args.token_file else os.environ.get("BRAINSCAN_TOKEN")
     return Client(
         args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token, **kwargs
