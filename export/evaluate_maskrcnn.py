@@ -170,7 +170,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (checkpoints only)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N slices of each split (smoke tests); 0 = all")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--output", "--out", dest="out", type=Path, default=None,
                         help=f"where to write the metrics JSON (default {DEFAULT_OUT.relative_to(REPO_ROOT)}, which "
                         "`brainscan export maskrcnn` puts in the model card; with --limit, only where given)")
     parser.add_argument("--errors", type=Path, default=None, metavar="DIR",

@@ -25,6 +25,8 @@ def build_request(
     )
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
+        if path.is_dir():
+            raise InvalidInput(f"{path} is a folder; pass image files")
         if not path.is_file():
             raise InvalidInput(f"no such image file: {path}")
         request.encoded = path.read_bytes()
