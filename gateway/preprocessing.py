@@ -277,8 +277,11 @@ def _decode_raster(data: bytes, *, max_side: int) -> DecodedImage:
     width, height = _raster_size(data)
     _check_size((height, width), max_side)
     is_png = data[:8] == _PNG_MAGIC
+    # Refuse cut-off files before decoding: libjpeg pads a cut-off scan with gray and only
+    # warns, and libpng prints its complaint to stderr, outside the gateway's log format.
+    if is_png and data.rfind(b"IEND") < 8:
+        raise InvalidImage(f"PNG data ends before its IEND chunk ({len(data)} bytes; truncated?)")
     if not is_png and not _jpeg_is_complete(data):
-        # libjpeg pads a cut-off scan with gray and only warns; refuse instead of guessing.
         raise InvalidImage(f"JPEG data ends before its end-of-image marker ({len(data)} bytes; truncated?)")
     buffer = np.frombuffer(data, dtype=np.uint8)
     decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
