@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from brainscan import Client, InvalidInput, Overloaded
+from brainscan import Client, InvalidInput
 from brainscan.v1 import brainscan_pb2 as pb
 from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
 from tests.conftest import png_bytes, start_gateway, stop_gateway, synthetic_slice

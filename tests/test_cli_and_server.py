@@ -8,8 +8,6 @@ import subprocess
 import sys
 
 import grpc
-import numpy as np
-import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
