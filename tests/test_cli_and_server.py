@@ -62,9 +62,10 @@ def test_cli_analyze_table_and_bad_file(embedded_gateway, tmp_path):
     good.write_bytes(png_bytes(synthetic_slice(128)))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"garbage")
-    done = brainscan("analyze", str(good), str(bad), "--server", embedded_gateway.address)
+    done = brainscan("analyze", str(good), str(bad), "--server", embedded_gateway.address, "--no-detect")
     assert done.returncode == 1
     assert "label:" in done.stdout and "p(tumor)" in done.stdout
+    assert "instances: not run" in done.stdout  # --no-detect: "not run", never "none"
     assert "bad.png" in done.stderr and "INVALID_ARGUMENT" in done.stderr
 
 

@@ -251,13 +251,13 @@ def format_table(result) -> str:
         mm2 = f" ({result.segmentation_area_mm2:.1f} mm²)" if result.segmentation_area_mm2 is not None else ""
         box = ", ".join(f"{v:.0f}" for v in result.segmentation_bbox)
         lines.append(f"  segmentation: {result.segmentation_area_px} px{mm2}, bbox [{box}]")
-    elif result.segmentation_ran:
-        lines.append("  segmentation: empty")
+    else:  # not run: the gate saw no tumor, or --no-segment
+        lines.append("  segmentation: empty" if result.segmentation_ran else "  segmentation: not run")
     for index, inst in enumerate(result.instances, 1):
         box = ", ".join(f"{v:.0f}" for v in inst.box)
         lines.append(f"  instance {index}: score {inst.score:.3f}  box [{box}]  area {inst.area_px} px")
-    if result.detection_ran and not result.instances:
-        lines.append("  instances: none")
+    if not result.instances:
+        lines.append("  instances: none" if result.detection_ran else "  instances: not run")
     models = ", ".join(f"{k} v{v}" for k, v in sorted(result.models.items()))
     total = result.timings.get("total")
     lines.append(f"  models: {models}" + (f"   time: {total:.1f} ms" if total is not None else ""))
