@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import cv2
 import numpy as np
@@ -39,6 +39,10 @@ from tqdm import tqdm
 
 from export.datasets import CLASS_LABELS, AnnotatedSlice, default_data_root, load_classification_split, load_via_split
 from export.evaluate_keras import CLASSIFIER_SPLIT, SEGMENTATION_SPLITS, label_metrics
+
+if TYPE_CHECKING:
+    from brainscan.client import Client
+    from brainscan.results import AnalysisResult
 
 IOU_MATCH = 0.5
 Item = TypeVar("Item")
@@ -48,7 +52,7 @@ Item = TypeVar("Item")
 class Served:
     """One call's outcome: the result, or the error class the SDK raised; and its latency."""
 
-    result: object | None  # brainscan.results.AnalysisResult
+    result: AnalysisResult | None
     error: str | None
     latency_ms: float
 
@@ -73,7 +77,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
 
 
-def serve_all(call: Callable[[Path], object], paths: Sequence[Path], concurrency: int, desc: str) -> list[Served]:
+def serve_all(call: Callable[[Path], AnalysisResult], paths: Sequence[Path], concurrency: int, desc: str) -> list[Served]:
     """Call the gateway on every path, `concurrency` at a time; results in input order."""
     from brainscan.errors import BrainscanError
 
@@ -94,8 +98,8 @@ def classification_report(items: list[tuple[Path, str]], served: list[Served]) -
     if not answered:
         return {"n": 0}
     truth = np.array([CLASS_LABELS.index(label) for label, _ in answered])
-    pred = np.array([CLASS_LABELS.index(result.label) for _, result in answered])  # type: ignore[attr-defined]
-    tumor = np.array([result.tumor_detected for _, result in answered])  # type: ignore[attr-defined]
+    pred = np.array([CLASS_LABELS.index(result.label) for _, result in answered])
+    tumor = np.array([result.tumor_detected for _, result in answered])
     return label_metrics(truth, pred, tumor)
 
 
@@ -107,11 +111,11 @@ def false_alarm_report(served: list[Served]) -> dict[str, object]:
     def share(flags: list[bool]) -> float:
         return round(float(np.mean(flags)), 4)
 
-    masks = [r.mask is not None for r in results]  # type: ignore[attr-defined]
-    instances = [len(r.instances) > 0 for r in results]  # type: ignore[attr-defined]
+    masks = [r.mask is not None for r in results]
+    instances = [len(r.instances) > 0 for r in results]
     return {
         "n": len(results),
-        "tumor_detected": share([r.tumor_detected for r in results]),  # type: ignore[attr-defined]
+        "tumor_detected": share([r.tumor_detected for r in results]),
         "mask_shown": share(masks),
         "instance_shown": share(instances),
         "anything_shown": share([m or i for m, i in zip(masks, instances)]),
@@ -124,15 +128,15 @@ def localization_report(slices: list[AnnotatedSlice], served: list[Served]) -> d
         result = outcome.result
         if result is None:
             continue
-        height, width = result.image_size  # type: ignore[attr-defined]
+        height, width = result.image_size
         truth_masks = item.instance_masks(height, width)
         truth = np.zeros((height, width), dtype=bool)
         for mask in truth_masks:
             truth |= mask
-        served_mask = result.mask if result.mask is not None else np.zeros_like(truth)  # type: ignore[attr-defined]
+        served_mask = result.mask if result.mask is not None else np.zeros_like(truth)
         dices.append(dice(served_mask, truth))
-        detected.append(bool(result.tumor_detected))  # type: ignore[attr-defined]
-        boxes = [instance.box for instance in result.instances]  # type: ignore[attr-defined]
+        detected.append(bool(result.tumor_detected))
+        boxes = [instance.box for instance in result.instances]
         truth_boxes = [mask_box(mask) for mask in truth_masks if mask.any()]
         regions += len(truth_boxes)
         found += sum(any(box_iou(t, b) >= IOU_MATCH for b in boxes) for t in truth_boxes)
@@ -178,16 +182,16 @@ def spread(items: list[Item], limit: int) -> list[Item]:
 
 
 def evaluate_service(
-    client: object, data_root: Path, *, gate: bool, concurrency: int, limit: int = 0, timeout_s: float | None = None
+    client: Client, data_root: Path, *, gate: bool, concurrency: int, limit: int = 0, timeout_s: float | None = None
 ) -> dict[str, object]:
-    """Every evaluation split through `client` (a brainscan.Client); the report as a JSON-able dict.
+    """Every evaluation split through `client`; the report as a JSON-able dict.
     Each split says how many calls it sent and which failed; scores cover the answered calls."""
     from export.audit import load_or_build_audit
 
     audit = load_or_build_audit(data_root)
 
-    def call(path: Path) -> object:
-        return client.analyze(path, gate=gate, image_id=path.name, timeout_s=timeout_s)  # type: ignore[attr-defined]
+    def call(path: Path) -> AnalysisResult:
+        return client.analyze(path, gate=gate, image_id=path.name, timeout_s=timeout_s)
 
     splits: dict[str, object] = {}
     every_call: list[Served] = []
