@@ -30,9 +30,9 @@ CSV_FIELDS = ("group", "tile", "path", "duplicate_free", "truth", "prediction", 
 
 @dataclass(frozen=True)
 class ErrorCase:
-    """One wrong answer. `score`: the predicted class's probability (classifier), the Dice of
-    a mask with its truth (U-Net, tumor slice) or the mask's highest probability (U-Net,
-    tumor-free slice)."""
+    """One wrong answer. `score`: the predicted class's probability (classifier); the Dice of
+    the mask with its truth (U-Net, tumor slice); the mask's highest probability (U-Net,
+    tumor-free slice); the highest detection score (Mask R-CNN, 0 when there is none)."""
 
     group: str
     path: Path
