@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         module, pass_model = DELEGATED[(argv[0], argv[1])]
         rest = argv[1:] if pass_model else argv[2:]
-        return _delegate(module, f"brainscan {argv[0]} {argv[1]}", rest)
+        # A module that takes the model as its own positional argument shows it in its usage line.
+        prog = f"brainscan {argv[0]}" if pass_model else f"brainscan {argv[0]} {argv[1]}"
+        return _delegate(module, prog, rest)
 
     args = build_parser().parse_args(argv)
     if args.command == "serve":
