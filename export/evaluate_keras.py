@@ -133,6 +133,12 @@ def evaluate_classifier(
     }
 
 
+def dice_and_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Dice and IoU of two bool masks of one shape; both 1.0 when both masks are empty."""
+    inter, union, total = int((pred & truth).sum()), int((pred | truth).sum()), int(pred.sum()) + int(truth.sum())
+    return (1.0 if total == 0 else 2.0 * inter / total), (1.0 if union == 0 else inter / union)
+
+
 def segmentation_metrics(dice: Sequence[float], iou: Sequence[float]) -> dict[str, object]:
     dice_arr, iou_arr = np.asarray(dice, dtype=float), np.asarray(iou, dtype=float)
     return {
@@ -165,9 +171,9 @@ def evaluate_unet(
             # Scored on the original pixel grid, where the gateway reports masks.
             pred = mask_to_original(prob, prepared) >= MASK_THRESHOLD
             truth = item.union_mask(*gray.shape)
-            inter, union, total = (pred & truth).sum(), (pred | truth).sum(), pred.sum() + truth.sum()
-            dice.append(1.0 if total == 0 else 2.0 * inter / total)
-            iou.append(1.0 if union == 0 else inter / union)
+            slice_dice, slice_iou = dice_and_iou(pred, truth)
+            dice.append(slice_dice)
+            iou.append(slice_iou)
             keep.append(relative_to_root(item.path, data_root) in duplicate_free[key])
             if errors is not None and dice[-1] < 0.5:
                 grid_truth = crop_and_resize(truth.view(np.uint8), prepared.crop, model.size, interpolation=cv2.INTER_NEAREST)

@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from export.datasets import CLASS_LABELS, AnnotatedSlice, default_data_root, load_classification_split, load_via_split
-from export.evaluate_keras import CLASSIFIER_SPLIT, SEGMENTATION_SPLITS, label_metrics
+from export.evaluate_keras import CLASSIFIER_SPLIT, SEGMENTATION_SPLITS, dice_and_iou, label_metrics
 
 if TYPE_CHECKING:
     from brainscan.client import Client
@@ -70,11 +70,6 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     """[x0, y0, x1, y1) of a bool mask's set pixels."""
     x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
     return float(x), float(y), float(x + w), float(y + h)
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = int(pred.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
 
 
 def serve_all(call: Callable[[Path], AnalysisResult], paths: Sequence[Path], concurrency: int, desc: str) -> list[Served]:
@@ -134,7 +129,7 @@ def localization_report(slices: list[AnnotatedSlice], served: list[Served]) -> d
         for mask in truth_masks:
             truth |= mask
         served_mask = result.mask if result.mask is not None else np.zeros_like(truth)
-        dices.append(dice(served_mask, truth))
+        dices.append(dice_and_iou(served_mask, truth)[0])
         detected.append(bool(result.tumor_detected))
         boxes = [instance.box for instance in result.instances]
         truth_boxes = [mask_box(mask) for mask in truth_masks if mask.any()]

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from functools import partial
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np

@@ -34,8 +34,8 @@ def run_service_evaluation(address: str, out: Path, *extra: str) -> dict:
 
 @needs_data
 def test_served_labels_and_masks_match_the_models_run_directly(embedded_gateway, tiny_repository: Path, tmp_path: Path) -> None:
-    from export.evaluate_keras import OnnxModel, label_metrics
-    from export.evaluate_service import dice, spread
+    from export.evaluate_keras import OnnxModel, dice_and_iou, label_metrics
+    from export.evaluate_service import spread
     from gateway.preprocessing import load_image_file, mask_to_original, prepare
 
     report = run_service_evaluation(embedded_gateway.address, tmp_path / "report.json", "--ungated")
@@ -64,7 +64,7 @@ def test_served_labels_and_masks_match_the_models_run_directly(embedded_gateway,
         gray = load_image_file(str(item.path)).pixels
         prepared = prepare(gray, unet.size)
         mask = mask_to_original(unet.run(prepared.tensor[None, ..., None])[0, ..., 0], prepared) >= 0.5
-        dices.append(dice(mask, item.union_mask(*gray.shape)))
+        dices.append(dice_and_iou(mask, item.union_mask(*gray.shape))[0])
     served = report["splits"]["br35h-polygons/val"]["full"]
     assert served["n"] == len(slices)
     assert served["mask_dice"] == pytest.approx(np.mean(dices), abs=2e-3)
