@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
                 repository, images, threads=threads, warmup_s=args.warmup, duration_s=args.duration
             ),
             "embedded": lambda: run_embedded(repository, workdir, images, gateway_points, args, env, results),
-            "triton": lambda: run_triton(repository, workdir, images, gateway_points, args, env),
+            "triton": lambda: run_triton(repository, workdir, images, gateway_points, args, env, results),
             "naive": lambda: run_naive(repository, workdir, images, args, results),
         }
         for system in systems:
@@ -157,10 +157,7 @@ def run_embedded(repository: Path, workdir: Path, images: list[bytes], points: l
                  args: argparse.Namespace, env: dict[str, str], results: dict[str, Any]) -> list[dict[str, Any]]:
     with processes.gateway(repository, workdir, env=env) as address:
         swept = sweep("gateway (embedded)", address, images, points, args, stats_address=address)
-        if args.pairs:
-            step(f"gateway (embedded): paired added latency at concurrency 1, {args.pairs} pairs")
-            results["paired_c1"] = {"embedded": paired_added_latency(
-                repository, address, images, threads=int(env["BRAINSCAN_ORT_THREADS"]), pairs=args.pairs)}
+        measure_paired("embedded", repository, address, images, args, env, results)
         return swept
 
 
@@ -174,16 +171,30 @@ def run_naive(repository: Path, workdir: Path, images: list[bytes], args: argpar
 
 
 def run_triton(repository: Path, workdir: Path, images: list[bytes], points: list[int],
-               args: argparse.Namespace, env: dict[str, str]) -> list[dict[str, Any]]:
+               args: argparse.Namespace, env: dict[str, str], results: dict[str, Any]) -> list[dict[str, Any]]:
+    def measure(triton_url: str) -> list[dict[str, Any]]:
+        with processes.gateway(repository, workdir, backend="triton", triton_url=triton_url, env=env) as address:
+            swept = sweep("gateway (triton)", address, images, points, args, stats_address=triton_url)
+            measure_paired("triton", repository, address, images, args, env, results)
+            return swept
+
     if args.triton_url:
-        with processes.gateway(repository, workdir, backend="triton", triton_url=args.triton_url, env=env) as address:
-            return sweep("gateway (triton)", address, images, points, args, stats_address=args.triton_url)
+        return measure(args.triton_url)
     from gateway.triton_local import LocalTriton
 
     step("starting a local Triton server")
     with LocalTriton(repository) as triton:
-        with processes.gateway(repository, workdir, backend="triton", triton_url=triton.grpc_url, env=env) as address:
-            return sweep("gateway (triton)", address, images, points, args, stats_address=triton.grpc_url)
+        return measure(triton.grpc_url)
+
+
+def measure_paired(system: str, repository: Path, address: str, images: list[bytes], args: argparse.Namespace,
+                   env: dict[str, str], results: dict[str, Any]) -> None:
+    """The concurrency-1 added latency measured paired against the in-process floor (see bench.paired)."""
+    if not args.pairs:
+        return
+    step(f"gateway ({system}): paired added latency at concurrency 1, {args.pairs} pairs")
+    results.setdefault("paired_c1", {})[system] = paired_added_latency(
+        repository, address, images, threads=int(env["BRAINSCAN_ORT_THREADS"]), pairs=args.pairs)
 
 
 def sweep(label: str, address: str, images: list[bytes], points: list[int], args: argparse.Namespace,

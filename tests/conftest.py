@@ -161,3 +161,11 @@ def png_bytes(array: np.ndarray) -> bytes:
     ok, encoded = cv2.imencode(".png", array)
     assert ok
     return encoded.tobytes()
+
+
+def slice_folder(folder: Path, count: int, size: int) -> Path:
+    """`count` synthetic PNG slices in a new `folder`, for a bench's --images."""
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"slice-{i}.png").write_bytes(png_bytes(synthetic_slice(size, seed=i)))
+    return folder

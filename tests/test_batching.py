@@ -20,7 +20,7 @@ from bench.processes import batch_histograms
 from brainscan.v1 import brainscan_pb2 as pb
 from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
 from gateway.backends.embedded import EmbeddedBackend, ThreadBudget
-from tests.conftest import PROJECT_ROOT, png_bytes, start_gateway, stop_gateway, synthetic_slice
+from tests.conftest import PROJECT_ROOT, png_bytes, slice_folder, start_gateway, stop_gateway, synthetic_slice
 
 
 def _inputs(size: int, count: int, seed: int = 0) -> list[np.ndarray]:
@@ -173,14 +173,6 @@ def _analyze_concurrently(address: str, images: list[bytes]) -> list[pb.AnalyzeR
             return list(await asyncio.gather(*(stub.Analyze(r, timeout=120) for r in requests)))
 
     return asyncio.run(run())
-
-
-def slice_folder(folder: Path, count: int, size: int) -> Path:
-    """`count` synthetic PNG slices in a new `folder`, for a bench's --images."""
-    folder.mkdir()
-    for i in range(count):
-        (folder / f"slice-{i}.png").write_bytes(png_bytes(synthetic_slice(size, seed=i)))
-    return folder
 
 
 def test_bench_quick_smoke(tiny_repository: Path, tmp_path: Path) -> None:

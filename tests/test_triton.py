@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import os
 import shutil
 import signal
@@ -28,7 +29,7 @@ from gateway.backends.triton import TritonBackend
 from gateway.contract import CONFIG_FILE, MODEL_FILE, load_repository, parse_config
 from gateway.errors import BackendUnavailable, ContractError
 from gateway.triton_local import LocalTriton, TritonStartupError, build_shim_repository, diagnose, shim_config
-from tests.conftest import png_bytes, synthetic_slice
+from tests.conftest import png_bytes, slice_folder, synthetic_slice
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -320,3 +321,22 @@ def test_bench_smoke(running_triton: LocalTriton, tiny_repository: Path, tmp_pat
     assert [(r["model"], r["concurrency"]) for r in rows] == [("classifier", "1"), ("classifier", "2")]
     assert all(float(r["throughput_per_s"]) > 0 and float(r["p99_ms"]) >= float(r["p50_ms"]) > 0 for r in rows)
     assert "| classifier | 1 |" in (out / "summary.md").read_text()
+
+
+def test_pipeline_bench_pairs_the_triton_gateway(running_triton: LocalTriton, tiny_repository: Path, tmp_path: Path) -> None:
+    """`bench.pipeline` measures the Triton gateway's concurrency-1 added latency paired, like the embedded one's."""
+    images = slice_folder(tmp_path / "images", 3, 224)
+    out = tmp_path / "results"
+    command = [
+        sys.executable, "-m", "bench.pipeline", "--quick", "--systems", "floor,triton", "--concurrency", "1",
+        "--triton-url", running_triton.grpc_url, "--model-repository", str(tiny_repository),
+        "--images", str(images), "--out", str(out),
+    ]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [written] = list(out.glob("*.json"))
+    data = json.loads(written.read_text())
+    paired = data["paired_c1"]["triton"]
+    assert paired["pairs"] == 8 and paired["floor_p50_ms"] > 0 and paired["gateway_p50_ms"] > 0
+    assert data["targets"]["triton.added_p50_ms_c1"]["value"] == paired["added_p50_ms"]
+    assert "Paired at concurrency 1 (gateway, local Triton" in result.stdout
