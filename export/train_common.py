@@ -47,17 +47,41 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str, size: int, e
     parser.add_argument("--time-budget-min", type=float, default=0.0, help="wall-clock budget: the cosine schedule is fitted to the epochs that fit (0 = exactly --epochs)")
     parser.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke tests); 0 = all")
     parser.add_argument("--init", type=Path, default=None,
-                        help="start from the weights of a previous run's .keras checkpoint (same architecture; fresh schedule)")
+                        help="start from the weights of a previous run's .keras checkpoint, or of a shipped model's "
+                             "model.savedmodel folder (same architecture; fresh schedule)")
 
 
 def load_initial_weights(model, path: Path | None) -> None:
-    """Copy a previous checkpoint's weights into `model` (for a fine-tuning run)."""
+    """Copy a previous run's weights into `model` (for a fine-tuning run).
+
+    `path` is a `.keras` checkpoint, or a SavedModel folder written by `brainscan export --savedmodel`
+    (e.g. `model_repository/unet/1/model.savedmodel`): the shipped weights, matched by variable name,
+    so a model can be fine-tuned from the repository when its run folder is gone.
+    """
     if path is None:
         return
-    import keras
+    if (Path(path) / "saved_model.pb").is_file():
+        model.set_weights(_savedmodel_weights(model, Path(path)))
+    else:
+        import keras
 
-    model.set_weights(keras.models.load_model(path, compile=False).get_weights())
+        model.set_weights(keras.models.load_model(path, compile=False).get_weights())
     print(f"initialized from {path}")
+
+
+def _savedmodel_weights(model, path: Path) -> list[np.ndarray]:
+    import tensorflow as tf
+
+    saved = {v.name.removesuffix(":0"): v for v in tf.saved_model.load(str(path)).variables}
+    missing = [w.path for w in model.weights if w.path not in saved]
+    if missing:
+        raise ValueError(f"{path} is not a SavedModel of this architecture: it lacks {missing[:5]} "
+                         f"({len(missing)} of {len(model.weights)} weights)")
+    weights = [saved[w.path].numpy() for w in model.weights]
+    for w, value in zip(model.weights, weights):
+        if tuple(w.shape) != value.shape:
+            raise ValueError(f"{path}: weight {w.path} has shape {value.shape}, the model wants {tuple(w.shape)}")
+    return weights
 
 
 def oversample_negatives(indices: Sequence[int], negative: Sequence[bool], repeat: int,

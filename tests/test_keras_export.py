@@ -93,9 +93,20 @@ def test_training_smoke_then_export_with_parity(tmp_path: Path) -> None:
         run_dir = tmp_path / run
         assert {"args.json", "log.csv", "best.keras", "summary.json"} <= {p.name for p in run_dir.iterdir()}
         keras_model = keras.models.load_model(run_dir / "best.keras", compile=False)
-        result = export_model(keras_model, tmp_path / "repo", model, data_root=DATA_ROOT)
+        result = export_model(keras_model, tmp_path / "repo", model, data_root=DATA_ROOT, savedmodel=model == "unet")
         assert result.parity_max_abs_diff <= 1e-4
         assert load_model_spec(tmp_path / "repo" / model).input_size == 32
+    # A fine-tuning run can start from the shipped SavedModel (--init), weights matched by name.
+    from export.keras_models import build_unet
+    from export.train_common import load_initial_weights
+
+    savedmodel = tmp_path / "repo" / "unet" / "1" / "model.savedmodel"
+    fresh = build_unet(32, base=4, levels=2)
+    load_initial_weights(fresh, savedmodel)
+    probe = np.random.default_rng(3).random((2, 32, 32, 1)).astype(np.float32)
+    np.testing.assert_allclose(fresh.predict(probe, verbose=0), keras_model.predict(probe, verbose=0), atol=1e-6)
+    with pytest.raises(ValueError, match="not a SavedModel of this architecture"):
+        load_initial_weights(build_unet(32, base=4, levels=3), savedmodel)
 
 
 def test_metric_helpers() -> None:
