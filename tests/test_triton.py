@@ -340,3 +340,21 @@ def test_pipeline_bench_pairs_the_triton_gateway(running_triton: LocalTriton, ti
     assert paired["pairs"] == 8 and paired["floor_p50_ms"] > 0 and paired["gateway_p50_ms"] > 0
     assert data["targets"]["triton.added_p50_ms_c1"]["value"] == paired["added_p50_ms"]
     assert "Paired at concurrency 1 (gateway, local Triton" in result.stdout
+
+
+def test_triton_calls_bench_reports_each_models_paired_cost(running_triton: LocalTriton, tiny_repository: Path, tmp_path: Path) -> None:
+    """`brainscan bench triton-calls` times every model in-process and through Triton, turn about."""
+    images = slice_folder(tmp_path / "images", 2, 200)
+    out = tmp_path / "calls.json"
+    command = [
+        sys.executable, "-m", "brainscan.cli", "bench", "triton-calls", "--triton-url", running_triton.grpc_url,
+        "--model-repository", str(tiny_repository), "--images", str(images), "--rounds", "4", "--out", str(out),
+    ]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data) == {"classifier", "unet", "maskrcnn"}
+    for row in data.values():
+        assert row["calls"] == 4 and row["in_process_p50_ms"] > 0 and row["triton_p50_ms"] > 0
+        assert row["added_p90_ms"] >= row["added_p50_ms"]
+    assert "| maskrcnn |" in result.stdout

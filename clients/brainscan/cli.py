@@ -33,6 +33,7 @@ DELEGATED: dict[tuple[str, str], tuple[str, bool]] = {
     ("bench", "triton"): ("gateway.triton_bench", False),
     ("bench", "pipeline"): ("bench.pipeline", False),
     ("bench", "ab"): ("bench.ab", False),
+    ("bench", "triton-calls"): ("bench.triton_calls", False),
 }
 SINGLE: dict[str, str] = {"triton": "gateway.triton_local"}
 
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Model lifecycle: brainscan train|evaluate|export {classifier,unet,maskrcnn} --help, "
         "brainscan evaluate service --help (the evaluation splits through a running gateway), "
-        "brainscan data audit --help, brainscan triton --help, brainscan bench pipeline|ab|triton --help",
+        "brainscan data audit --help, brainscan triton --help, brainscan bench pipeline|ab|triton|triton-calls --help",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", "evaluate a model's ONNX file (classifier, unet, maskrcnn) or a running gateway (service)"),
         ("export", "export a trained model into model_repository/: classifier, unet, maskrcnn (or tiny)"),
         ("data", "dataset tools: audit"),
-        ("bench", "benchmarks: pipeline, ab (this checkout vs a git revision), triton"),
+        ("bench", "benchmarks: pipeline, ab (this checkout vs a git revision), triton, triton-calls (per-model Triton cost)"),
         ("triton", "run a local Triton server over model_repository/"),
     ):
         commands.add_parser(name, help=help_text, add_help=False)
