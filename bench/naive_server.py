@@ -12,8 +12,9 @@ server feeds the image bytes over a pipe; it decodes and preprocesses them
 itself, as a separate model script would.
 
 Weights: the trained checkpoints under runs/ (classifier, unet: best.keras or
-last.keras; maskrcnn: best.pt or last.pt) when they exist, else random weights
-of the same architectures and input sizes (same compute); GET /info says which.
+last.keras; maskrcnn: best.pt or last.pt) when they exist; else, for the Keras
+models, the shipped SavedModel in the repository; else random weights of the
+same architectures and input sizes (same compute). GET /info says which.
 
     python -m bench.naive_server --port 8000 --model-repository model_repository
 
@@ -72,8 +73,8 @@ def _run_args(runs: Path, role: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_keras(role: str, size: int, runs: Path):
-    """(model, where its weights came from)."""
+def load_keras(role: str, size: int, runs: Path, repository: Path):
+    """(model, where its weights came from): a runs/ checkpoint, else the shipped SavedModel, else random."""
     import keras
 
     for name in ("best.keras", "last.keras"):
@@ -81,6 +82,7 @@ def load_keras(role: str, size: int, runs: Path):
         if path.is_file():
             return keras.models.load_model(path, compile=False), str(path)
     from export.keras_models import build_classifier, build_unet
+    from export.train_common import load_initial_weights
 
     args = _run_args(runs, role)
     if role == "classifier":
@@ -88,6 +90,13 @@ def load_keras(role: str, size: int, runs: Path):
         model = build_classifier(size, widths=widths, depths=depths)
     else:
         model = build_unet(size, base=int(args.get("base_filters", 8)), levels=int(args.get("levels", 4)))
+    shipped = repository / role / "1" / "model.savedmodel"
+    if (shipped / "saved_model.pb").is_file():
+        try:
+            load_initial_weights(model, shipped)
+            return model, str(shipped)
+        except ValueError:  # another architecture than the defaults: keep the same compute, random weights
+            pass
     return model, "random weights (no trained checkpoint under runs/)"
 
 
@@ -180,8 +189,8 @@ class NaiveModels:
         specs = load_repository(repository)
         self.labels = specs["classifier"].labels
         self.sizes = {role: spec.input_size for role, spec in specs.items()}
-        self.classifier, classifier_source = load_keras("classifier", self.sizes["classifier"], runs)
-        self.unet, unet_source = load_keras("unet", self.sizes["unet"], runs)
+        self.classifier, classifier_source = load_keras("classifier", self.sizes["classifier"], runs, repository)
+        self.unet, unet_source = load_keras("unet", self.sizes["unet"], runs, repository)
         for role, model in (("classifier", self.classifier), ("unet", self.unet)):
             self.sizes[role] = int(model.input_shape[1])  # a checkpoint's own size wins
         self.maskrcnn = MaskRCNNClient(repository, runs)

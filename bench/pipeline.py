@@ -165,8 +165,9 @@ def run_naive(repository: Path, workdir: Path, images: list[bytes], args: argpar
               results: dict[str, Any]) -> list[dict[str, Any]]:
     with processes.naive_server(repository, args.runs, workdir) as (host, port):
         results["naive_weights"] = json.loads(processes.http_get(f"http://{host}:{port}/info"))
-        if "random" in json.dumps(results["naive_weights"]):
-            results["models_note"] += "; naive baseline with random weights of the same architectures"
+        random = [m for m, source in results["naive_weights"].items() if str(source).startswith("random")]
+        if random:
+            results["models_note"] += f"; naive baseline with random weights for {', '.join(random)} (same architectures)"
         return sweep_naive(host, port, images, _ints(args.naive_concurrency), args)
 
 
