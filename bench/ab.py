@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 from bench import processes
 from bench.load import GrpcAnalyze, closed_loop
 from bench.paired import added_latency, alternating_calls
+from bench.report import write_json
 from gateway.config import PROJECT_ROOT
 from gateway.triton_bench import default_images, find_images
 
@@ -140,9 +140,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"| {label} | {c1[name]['p50_ms']:.1f} | {c1[name]['added_p50_ms']:.1f} | {c1[name]['added_p90_ms']:.1f} "
               f"| {load[name]['median_per_s']:.2f} |")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_json(args.out, result)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 TARGETS = {
@@ -129,3 +131,10 @@ def markdown(results: dict[str, Any]) -> str:
         for name, check in results["targets"].items()
     )]
     return "\n".join(lines)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """A bench's --out: the result as indented JSON, its folder made if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from bench.floor import Feeds, model_inputs, open_backend
+from bench.paired import added_latency
+from bench.report import write_json
 from gateway.backends.triton import TritonBackend
 from gateway.triton_bench import default_images, find_images
 
@@ -63,12 +64,12 @@ def paired_calls(repository: Path, triton_url: str, images: list[bytes], *, thre
                     if r >= 2:
                         local.append((middle - started) * 1000.0)
                         remote.append((time.perf_counter() - middle) * 1000.0)
-                diff = np.asarray(remote) - np.asarray(local)
+                paired = added_latency({"floor": np.asarray(local), "triton": np.asarray(remote)}, "triton")
                 results[model] = {
                     "in_process_p50_ms": round(float(np.median(local)), 3),
-                    "triton_p50_ms": round(float(np.median(remote)), 3),
-                    "added_p50_ms": round(float(np.median(diff)), 3),
-                    "added_p90_ms": round(float(np.percentile(diff, 90)), 3),
+                    "triton_p50_ms": paired["p50_ms"],
+                    "added_p50_ms": paired["added_p50_ms"],
+                    "added_p90_ms": paired["added_p90_ms"],
                     "calls": rounds,
                 }
             return results
@@ -103,9 +104,7 @@ def main(args: argparse.Namespace) -> int:
             results = paired_calls(repository, triton.grpc_url, images, threads=threads, rounds=args.rounds)
     print(markdown(results))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_json(args.out, results)
     return 0
 
 

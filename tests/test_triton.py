@@ -29,7 +29,7 @@ from gateway.backends.triton import TritonBackend
 from gateway.contract import CONFIG_FILE, MODEL_FILE, load_repository, parse_config
 from gateway.errors import BackendUnavailable, ContractError
 from gateway.triton_local import LocalTriton, TritonStartupError, build_shim_repository, diagnose, shim_config
-from tests.conftest import png_bytes, slice_folder, synthetic_slice
+from tests.conftest import slice_folder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -305,10 +305,7 @@ def test_health_flips_while_triton_is_down_and_back(running_triton: LocalTriton,
 def test_bench_smoke(running_triton: LocalTriton, tiny_repository: Path, tmp_path: Path) -> None:
     from gateway import triton_bench
 
-    images = tmp_path / "images"
-    images.mkdir()
-    for seed in range(3):
-        (images / f"slice-{seed}.png").write_bytes(png_bytes(synthetic_slice(200, seed=seed)))
+    images = slice_folder(tmp_path / "images", 3, 200)
     out = tmp_path / "bench"
     args = triton_bench.get_args_parser().parse_args(
         ["--url", running_triton.grpc_url, "--model-repository", str(tiny_repository), "--models", "classifier",
