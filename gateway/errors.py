@@ -2,6 +2,8 @@
 
     BrainscanError
     ├── InvalidImage        bad bytes, shape, dtype or size  → INVALID_ARGUMENT
+    ├── InvalidSeries       a series that is not one stack   → INVALID_ARGUMENT
+                            (mixed series, orientation/spacing differ, no order)
     ├── RequestTooLarge     over the configured request size → RESOURCE_EXHAUSTED
     ├── Overloaded          in-flight limit reached          → RESOURCE_EXHAUSTED
     ├── BackendUnavailable  model server down or not ready   → UNAVAILABLE
@@ -20,6 +22,10 @@ class BrainscanError(Exception):
 
 
 class InvalidImage(BrainscanError):
+    pass
+
+
+class InvalidSeries(BrainscanError):
     pass
 
 
@@ -45,6 +51,7 @@ class ContractError(BrainscanError):
 
 STATUS_CODES: dict[type[BrainscanError], grpc.StatusCode] = {
     InvalidImage: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidSeries: grpc.StatusCode.INVALID_ARGUMENT,
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
