@@ -15,11 +15,12 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(VENV)/bin/pip install --no-deps --no-build-isolation -e .
 	touch $@
 
-# perf_analyzer (shipped in the tritonclient wheel) links libb64.
+# perf_analyzer (shipped in the tritonclient wheel) links libb64; dicom3tools' dciodvfy checks the DICOM SEG in tests.
+SYSTEM_PACKAGES := libb64-0d dicom3tools
 system-deps:
-	@dpkg -s libb64-0d >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d; \
-	  else echo "perf_analyzer needs libb64-0d: sudo apt-get install -y libb64-0d"; fi; }
+	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	  else echo "tests need: sudo apt-get install -y $(SYSTEM_PACKAGES)"; fi; }
 
 setup: $(STAMP) system-deps
 
