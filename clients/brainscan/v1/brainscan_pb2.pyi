@@ -185,3 +185,92 @@ class GetModelInfoResponse(_message.Message):
     detection_threshold: float
     disclaimer: str
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., backend: _Optional[str] = ..., tumor_threshold: _Optional[float] = ..., mask_threshold: _Optional[float] = ..., detection_threshold: _Optional[float] = ..., disclaimer: _Optional[str] = ...) -> None: ...
+
+class SeriesOptions(_message.Message):
+    __slots__ = ("analysis", "group_series", "dicom_seg")
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SERIES_FIELD_NUMBER: _ClassVar[int]
+    DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
+    analysis: AnalyzeOptions
+    group_series: bool
+    dicom_seg: bool
+    def __init__(self, analysis: _Optional[_Union[AnalyzeOptions, _Mapping]] = ..., group_series: bool = ..., dicom_seg: bool = ...) -> None: ...
+
+class AnalyzeSeriesRequest(_message.Message):
+    __slots__ = ("dicom", "file_id", "options")
+    DICOM_FIELD_NUMBER: _ClassVar[int]
+    FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    dicom: bytes
+    file_id: str
+    options: SeriesOptions
+    def __init__(self, dicom: _Optional[bytes] = ..., file_id: _Optional[str] = ..., options: _Optional[_Union[SeriesOptions, _Mapping]] = ...) -> None: ...
+
+class SeriesSlice(_message.Message):
+    __slots__ = ("file_id", "frame", "sop_instance_uid", "position_mm", "thickness_mm", "result")
+    FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_MM_FIELD_NUMBER: _ClassVar[int]
+    THICKNESS_MM_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    file_id: str
+    frame: int
+    sop_instance_uid: str
+    position_mm: float
+    thickness_mm: float
+    result: AnalyzeResponse
+    def __init__(self, file_id: _Optional[str] = ..., frame: _Optional[int] = ..., sop_instance_uid: _Optional[str] = ..., position_mm: _Optional[float] = ..., thickness_mm: _Optional[float] = ..., result: _Optional[_Union[AnalyzeResponse, _Mapping]] = ...) -> None: ...
+
+class SeriesResult(_message.Message):
+    __slots__ = ("series_instance_uid", "error", "label", "slices", "tumor_slices", "largest_cross_section_mm2", "volume_ml", "slice_distance_mm", "ordered_by", "notes", "model_versions", "dicom_seg")
+    class ModelVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    TUMOR_SLICES_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_CROSS_SECTION_MM2_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ML_FIELD_NUMBER: _ClassVar[int]
+    SLICE_DISTANCE_MM_FIELD_NUMBER: _ClassVar[int]
+    ORDERED_BY_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
+    series_instance_uid: str
+    error: Error
+    label: str
+    slices: _containers.RepeatedCompositeFieldContainer[SeriesSlice]
+    tumor_slices: _containers.RepeatedScalarFieldContainer[int]
+    largest_cross_section_mm2: float
+    volume_ml: float
+    slice_distance_mm: float
+    ordered_by: str
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    model_versions: _containers.ScalarMap[str, str]
+    dicom_seg: bytes
+    def __init__(self, series_instance_uid: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., label: _Optional[str] = ..., slices: _Optional[_Iterable[_Union[SeriesSlice, _Mapping]]] = ..., tumor_slices: _Optional[_Iterable[int]] = ..., largest_cross_section_mm2: _Optional[float] = ..., volume_ml: _Optional[float] = ..., slice_distance_mm: _Optional[float] = ..., ordered_by: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., model_versions: _Optional[_Mapping[str, str]] = ..., dicom_seg: _Optional[bytes] = ...) -> None: ...
+
+class SkippedFile(_message.Message):
+    __slots__ = ("file_id", "reason")
+    FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    file_id: str
+    reason: str
+    def __init__(self, file_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AnalyzeSeriesResponse(_message.Message):
+    __slots__ = ("series", "skipped", "disclaimer")
+    SERIES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    DISCLAIMER_FIELD_NUMBER: _ClassVar[int]
+    series: _containers.RepeatedCompositeFieldContainer[SeriesResult]
+    skipped: _containers.RepeatedCompositeFieldContainer[SkippedFile]
+    disclaimer: str
+    def __init__(self, series: _Optional[_Iterable[_Union[SeriesResult, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedFile, _Mapping]]] = ..., disclaimer: _Optional[str] = ...) -> None: ...

@@ -49,6 +49,11 @@ class BrainScanStub(object):
                 request_serializer=brainscan_dot_v1_dot_brainscan__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=brainscan_dot_v1_dot_brainscan__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.AnalyzeSeries = channel.stream_unary(
+                '/brainscan.v1.BrainScan/AnalyzeSeries',
+                request_serializer=brainscan_dot_v1_dot_brainscan__pb2.AnalyzeSeriesRequest.SerializeToString,
+                response_deserializer=brainscan_dot_v1_dot_brainscan__pb2.AnalyzeSeriesResponse.FromString,
+                _registered_method=True)
 
 
 class BrainScanServicer(object):
@@ -76,6 +81,17 @@ class BrainScanServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AnalyzeSeries(self, request_iterator, context):
+        """Analyze whole DICOM series: send each file of the series (single- or
+        multi-frame) as one message; the answer groups them by SeriesInstanceUID,
+        orders the slices by position and summarizes each series, optionally with
+        a DICOM SEG. Files that are not images (SR, presentation states, …) are
+        skipped with a reason; a series that is not one stack gets `error`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrainScanServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +109,11 @@ def add_BrainScanServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=brainscan_dot_v1_dot_brainscan__pb2.GetModelInfoRequest.FromString,
                     response_serializer=brainscan_dot_v1_dot_brainscan__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'AnalyzeSeries': grpc.stream_unary_rpc_method_handler(
+                    servicer.AnalyzeSeries,
+                    request_deserializer=brainscan_dot_v1_dot_brainscan__pb2.AnalyzeSeriesRequest.FromString,
+                    response_serializer=brainscan_dot_v1_dot_brainscan__pb2.AnalyzeSeriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +197,33 @@ class BrainScan(object):
             '/brainscan.v1.BrainScan/GetModelInfo',
             brainscan_dot_v1_dot_brainscan__pb2.GetModelInfoRequest.SerializeToString,
             brainscan_dot_v1_dot_brainscan__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnalyzeSeries(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/brainscan.v1.BrainScan/AnalyzeSeries',
+            brainscan_dot_v1_dot_brainscan__pb2.AnalyzeSeriesRequest.SerializeToString,
+            brainscan_dot_v1_dot_brainscan__pb2.AnalyzeSeriesResponse.FromString,
             options,
             channel_credentials,
             insecure,
