@@ -188,3 +188,70 @@ def negative_slices(data_root: Path, split: str = "Training") -> list[AnnotatedS
         for path, label in load_classification_split(data_root, split)
         if label == "no_tumor"
     ]
+
+
+# --- Sources added for generalization: lgg-flair, head-ct, sartaj-boxes ---------------------------
+
+LGG_DATASET = "lgg-flair"
+HEAD_CT_DATASET = "head-ct"
+SARTAJ_BOXES_FILE = Path("sartaj-boxes") / "boxes_training.json"
+# An LGG slice counts as a tumor slice at this many mask pixels; 1..MIN-1 are left out of tumor/no-tumor scoring.
+LGG_MIN_TUMOR_PX = 200
+
+
+@dataclass(frozen=True)
+class MaskedSlice:
+    """An image with a binary mask file (white = tumor), e.g. one LGG FLAIR slice."""
+
+    path: Path
+    mask_path: Path
+    patient: str
+    tumor_px: int
+
+    def read_mask(self) -> np.ndarray:
+        mask = cv2.imread(str(self.mask_path), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise ValueError(f"cannot read mask {self.mask_path}")
+        return mask >= 128
+
+
+def load_lgg_split(data_root: Path, split: str) -> list[MaskedSlice]:
+    """Every slice of `lgg-flair/<split>` listed in `slices.csv`, in patient/slice order."""
+    import csv
+
+    folder = Path(data_root) / LGG_DATASET
+    index = folder / "slices.csv"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found")
+    slices = []
+    with index.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["split"] != split:
+                continue
+            slices.append((row["patient"], int(row["slice"]), MaskedSlice(
+                path=folder / row["image"], mask_path=folder / row["mask"], patient=row["patient"], tumor_px=int(row["tumor_px"]))))
+    if not slices:
+        raise ValueError(f"{index} lists no slices for split {split!r}")
+    return [s for _, _, s in sorted(slices, key=lambda t: (t[0], t[1]))]
+
+
+def load_head_ct(data_root: Path) -> list[Path]:
+    """All head-CT slices (`normal/` and `hemorrhage/`); none shows a brain tumor."""
+    folder = Path(data_root) / HEAD_CT_DATASET
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} not found")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def load_sartaj_boxes(data_root: Path) -> dict[Path, tuple[float, float, float, float]]:
+    """Image path → tumor box [x0, y0, x1, y1] (original pixels) for the boxed Sartaj Training slices."""
+    file = Path(data_root) / SARTAJ_BOXES_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found")
+    boxes = {}
+    for key, entry in json.loads(file.read_text()).items():
+        x0, y0, x1, y1 = (float(v) for v in entry["box"])
+        if not (x1 > x0 and y1 > y0):
+            raise ValueError(f"{file}: {key} has an empty box {entry['box']}")
+        boxes[Path(data_root) / key] = (x0, y0, x1, y1)
+    return boxes

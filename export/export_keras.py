@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from export.datasets import CLASS_LABELS, default_data_root
-from export.keras_models import INPUT_NAME, OUTPUT_NAMES
+from export.keras_models import INPUT_NAME, MODEL_OUTPUTS, OUTPUT_NAMES, SCOPE_OUTPUT, named_outputs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_BATCH_SIZE = 16
@@ -45,14 +45,13 @@ class ExportResult:
     size: int
 
 
-def output_spec(model: str, size: int):
-    import numpy as np
-
+def output_specs(model: str, size: int) -> list:
     from gateway.contract import TensorSpec
 
     if model == "classifier":
-        return TensorSpec(OUTPUT_NAMES[model], np.dtype(np.float32), (len(CLASS_LABELS),))
-    return TensorSpec(OUTPUT_NAMES[model], np.dtype(np.float32), (size, size, 1))
+        return [TensorSpec(OUTPUT_NAMES[model], np.dtype(np.float32), (len(CLASS_LABELS),)),
+                TensorSpec(SCOPE_OUTPUT, np.dtype(np.float32), (1,))]
+    return [TensorSpec(OUTPUT_NAMES[model], np.dtype(np.float32), (size, size, 1))]
 
 
 def keras_to_onnx(keras_model, model: str, path: Path) -> None:
@@ -65,16 +64,16 @@ def keras_to_onnx(keras_model, model: str, path: Path) -> None:
 
     @tf.function(input_signature=signature)
     def serve(image):
-        return {OUTPUT_NAMES[model]: keras_model(image, training=False)}
+        return named_outputs(keras_model, model, image)
 
     proto, _ = tf2onnx.convert.from_function(serve, input_signature=signature, opset=OPSET)
     for value in list(proto.graph.input) + list(proto.graph.output):
         dim = value.type.tensor_type.shape.dim[0]
         if not dim.dim_value:
             dim.dim_param = "batch"
-    names = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
-    if names != ([INPUT_NAME], [OUTPUT_NAMES[model]]):
-        raise ExportError(f"ONNX graph tensors are {names}; expected ([{INPUT_NAME!r}], [{OUTPUT_NAMES[model]!r}])")
+    names = ([i.name for i in proto.graph.input], sorted(o.name for o in proto.graph.output))
+    if names != ([INPUT_NAME], sorted(MODEL_OUTPUTS[model])):
+        raise ExportError(f"ONNX graph tensors are {names}; expected ([{INPUT_NAME!r}], {sorted(MODEL_OUTPUTS[model])})")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(proto.SerializeToString())
 
@@ -85,13 +84,17 @@ def check_parity(keras_model, onnx_file: Path, model: str, inputs: np.ndarray) -
 
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     got_inputs = [i.name for i in session.get_inputs()]
-    got_outputs = [o.name for o in session.get_outputs()]
-    if got_inputs != [INPUT_NAME] or got_outputs != [OUTPUT_NAMES[model]]:
+    got_outputs = sorted(o.name for o in session.get_outputs())
+    if got_inputs != [INPUT_NAME] or got_outputs != sorted(MODEL_OUTPUTS[model]):
         raise ExportError(f"ONNX Runtime sees inputs {got_inputs} and outputs {got_outputs}")
-    expected = np.asarray(keras_model(inputs, training=False))
-    batched = session.run(None, {INPUT_NAME: inputs})[0]
-    single = np.concatenate([session.run(None, {INPUT_NAME: inputs[i : i + 1]})[0] for i in range(len(inputs))])
-    diff = float(max(np.abs(batched - expected).max(), np.abs(single - expected).max()))
+    expected = {k: np.asarray(v) for k, v in named_outputs(keras_model, model, inputs).items()}
+    names = list(expected)
+    batched = dict(zip(names, session.run(names, {INPUT_NAME: inputs})))
+    single = [dict(zip(names, session.run(names, {INPUT_NAME: inputs[i : i + 1]}))) for i in range(len(inputs))]
+    diff = 0.0
+    for name in names:
+        one_by_one = np.concatenate([row[name] for row in single])
+        diff = max(diff, float(np.abs(batched[name] - expected[name]).max()), float(np.abs(one_by_one - expected[name]).max()))
     if not np.isfinite(diff) or diff > PARITY_TOLERANCE:
         raise ExportError(f"ONNX Runtime differs from Keras by {diff:.3g} (> {PARITY_TOLERANCE}) on {len(inputs)} slices")
     return diff
@@ -138,7 +141,7 @@ def export_model(keras_model, repository: Path, model: str, *, data_root: Path |
         name=model,
         max_batch_size=MAX_BATCH_SIZE,
         inputs=[TensorSpec(INPUT_NAME, np.dtype(np.float32), (size, size, 1))],
-        outputs=[output_spec(model, size)],
+        outputs=output_specs(model, size),
         labels=list(CLASS_LABELS) if model == "classifier" else None,
         label_output=OUTPUT_NAMES["classifier"] if model == "classifier" else None,
     )
@@ -157,7 +160,7 @@ def write_savedmodel(keras_model, model: str, folder: Path) -> None:
     archive.track(keras_model)
     archive.add_endpoint(
         name="serving_default",
-        fn=lambda image: {OUTPUT_NAMES[model]: keras_model(image, training=False)},
+        fn=lambda image: named_outputs(keras_model, model, image),
         input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32, name=INPUT_NAME)],
     )
     archive.write_out(str(folder), verbose=False)
@@ -171,7 +174,7 @@ def write_tiny(repository: Path, model: str) -> None:
 
     setup_tensorflow(threads=1, seed=0)
     if model == "classifier":
-        keras_model = build_classifier(64, widths=(8, 8, 16, 16), depths=(1, 1, 1, 1))
+        keras_model = build_classifier(64, pretrained=False)
     elif model == "unet":
         keras_model = build_unet(64, base=4, levels=2)
     else:

@@ -1,6 +1,7 @@
 """Keras 3 model builders for the classifier and the U-Net.
 
-Both take the gateway's tensor as is (`image`, S×S×1 float32 in [0, 1]) and
+The classifier is EfficientNet-Lite0 with ported ImageNet weights
+(`export.efficientnet_lite`). Both take the gateway's tensor as is (`image`, S×S×1 float32 in [0, 1]) and
 name their output layer after the contract (`probabilities`, `mask`), so the
 ONNX graph carries the contract's tensor names without renaming.
 """
@@ -12,6 +13,18 @@ from keras import layers
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = {"classifier": "probabilities", "unet": "mask"}
+# The classifier's second output: p(the slice is a brain MRI the models can judge).
+SCOPE_OUTPUT = "in_scope"
+# Every output tensor of each model, the contract's primary one first.
+MODEL_OUTPUTS = {"classifier": (OUTPUT_NAMES["classifier"], SCOPE_OUTPUT), "unet": (OUTPUT_NAMES["unet"],)}
+
+
+def named_outputs(keras_model, model: str, image, *, training: bool = False) -> dict:
+    """The model's outputs keyed by contract name (the U-Net returns one tensor, the classifier a dict)."""
+    out = keras_model(image, training=training)
+    if isinstance(out, dict):
+        return {name: out[name] for name in MODEL_OUTPUTS[model]}
+    return {MODEL_OUTPUTS[model][0]: out}
 NUM_CLASSES = 4
 
 
@@ -21,47 +34,32 @@ def _conv_bn_act(x, filters: int, *, stride: int = 1, kernel: int = 3, name: str
     return layers.Activation("swish", name=f"{name}_act")(x)
 
 
-def _squeeze_excite(x, filters: int, *, name: str, ratio: int = 4):
-    s = layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_se_pool")(x)
-    s = layers.Conv2D(max(8, filters // ratio), 1, activation="swish", name=f"{name}_se_reduce")(s)
-    s = layers.Conv2D(filters, 1, activation="sigmoid", name=f"{name}_se_expand")(s)
-    return layers.Multiply(name=f"{name}_se")([x, s])
+def build_classifier(size: int, *, pretrained: bool = True, dropout: float = 0.2, drop_connect: float = 0.1,
+                     temperature: float = 1.0) -> keras.Model:
+    """EfficientNet-Lite0 (ImageNet weights unless `pretrained=False`) with two heads.
 
+    `probabilities`: softmax over CLASS_LABELS of the logits divided by
+    `temperature` (fitted on validation data at export; 1 while training).
+    `in_scope`: sigmoid p(the slice is a brain MRI the models can judge),
+    trained against head CTs and synthetic non-MRI frames.
+    """
+    from export.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, keras_encoder, port_to_keras
 
-def _residual_block(x, filters: int, *, stride: int, name: str):
-    shortcut = x
-    y = _conv_bn_act(x, filters, stride=stride, name=f"{name}_a")
-    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_b_conv")(y)
-    y = layers.BatchNormalization(name=f"{name}_b_bn")(y)
-    y = _squeeze_excite(y, filters, name=name)
-    if stride != 1 or shortcut.shape[-1] != filters:
-        if stride != 1:
-            shortcut = layers.AveragePooling2D(stride, padding="same", name=f"{name}_down")(shortcut)
-        shortcut = layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_proj")(shortcut)
-        shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
-    return layers.Activation("swish", name=f"{name}_out")(layers.Add(name=f"{name}_add")([y, shortcut]))
-
-
-def build_classifier(
-    size: int,
-    *,
-    widths: tuple[int, ...] = (24, 32, 64, 128),
-    depths: tuple[int, ...] = (1, 1, 2, 2),
-    dropout: float = 0.3,
-) -> keras.Model:
-    """Small residual CNN with squeeze-excitation: stride-2 stem, one stride-2 stage per width."""
     inputs = keras.Input((size, size, 1), name=INPUT_NAME)
-    x = layers.Rescaling(2.0, offset=-1.0, name="center")(inputs)
-    x = _conv_bn_act(x, widths[0], stride=2, name="stem")
-    for stage, (width, depth) in enumerate(zip(widths, depths)):
-        for block in range(depth):
-            stride = 2 if block == 0 and stage > 0 else 1
-            x = _residual_block(x, width, stride=stride, name=f"s{stage}b{block}")
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
-    x = layers.Dropout(dropout, name="dropout")(x)
-    logits = layers.Dense(NUM_CLASSES, name="logits")(x)
-    outputs = layers.Activation("softmax", name=OUTPUT_NAMES["classifier"])(logits)
-    return keras.Model(inputs, outputs, name="classifier")
+    # Gray in [0, 1] -> the Lite models' (v*255 - 127) / 128; the stem's RGB kernels are summed for one channel.
+    x = layers.Rescaling(255.0 / PIXEL_STD, offset=-PIXEL_MEAN / PIXEL_STD, name="normalize")(inputs)
+    features = keras_encoder(x, with_head=True, dropout_connect=drop_connect)
+    pooled = layers.GlobalAveragePooling2D(name="pool")(features[-1])
+    pooled = layers.Dropout(dropout, name="dropout")(pooled)
+    logits = layers.Dense(NUM_CLASSES, name="logits")(pooled)
+    scaled = layers.Rescaling(1.0 / temperature, name="temperature")(logits)
+    probabilities = layers.Activation("softmax", name=OUTPUT_NAMES["classifier"])(scaled)
+    scope_logit = layers.Dense(1, name="scope_logit")(pooled)
+    in_scope = layers.Activation("sigmoid", name=SCOPE_OUTPUT)(scope_logit)
+    model = keras.Model(inputs, {OUTPUT_NAMES["classifier"]: probabilities, SCOPE_OUTPUT: in_scope}, name="classifier")
+    if pretrained:
+        port_to_keras(model, with_head=True)
+    return model
 
 
 def build_unet(size: int, *, base: int = 16, levels: int = 4, dropout: float = 0.1) -> keras.Model:
