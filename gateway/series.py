@@ -211,7 +211,7 @@ def summarize(series: OrderedSeries, findings: Sequence[SliceFinding]) -> Series
     label = _series_label([findings[i] for i in tumor])
     areas = [f.area_mm2 for f in findings]
     if any(a is None for a in areas):
-        notes.append("no PixelSpacing: areas and volume in mm are unknown")
+        notes.append("no mask areas in mm² (no PixelSpacing, or the U-Net was skipped): no volume")
         return SeriesSummary(label, tumor, None, None, tuple(notes))
     largest = max(areas, default=0.0)
     volume = None if series.thickness_mm is None else sum(a * t for a, t in zip(areas, series.thickness_mm)) / 1000.0

@@ -17,6 +17,8 @@ from gateway.errors import BrainscanError, InvalidImage, Overloaded, status_code
 from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
 from gateway.postprocessing import MaskRegion
 from gateway.contract import DISCLAIMER
+from gateway.series import Skipped
+from gateway.series_analysis import SeriesAnalyzer, SeriesOutcome
 
 log = logging.getLogger("brainscan.gateway")
 
@@ -67,6 +69,18 @@ class BrainScanService(pb_grpc.BrainScanServicer):
                     error=pb.Error(code="INTERNAL", message=f"internal error (request id {request_id_var.get()})"),
                 )
 
+    async def AnalyzeSeries(
+        self, request_iterator: AsyncIterator[pb.AnalyzeSeriesRequest], context: grpc.aio.ServicerContext
+    ) -> pb.AnalyzeSeriesResponse:
+        try:
+            return await self._analyze_series(request_iterator, context)
+        except BrainscanError as error:
+            await context.abort(status_code_for(error), str(error))
+        except Exception:
+            log.exception("internal error in AnalyzeSeries")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()})")
+        raise AssertionError("unreachable")
+
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
@@ -95,6 +109,32 @@ class BrainScanService(pb_grpc.BrainScanServicer):
         async with self._slot(context.time_remaining()):
             analysis = await self.pipeline.analyze(image, options, timeout_s=context.time_remaining())
         return self._respond(analysis, request.image_id)
+
+    async def _analyze_series(
+        self, request_iterator: AsyncIterator[pb.AnalyzeSeriesRequest], context: grpc.aio.ServicerContext
+    ) -> pb.AnalyzeSeriesResponse:
+        analyzer: SeriesAnalyzer | None = None
+        file_ids: list[str] = []
+        async for request in request_iterator:
+            if analyzer is None:
+                series_options = request.options
+                analyzer = SeriesAnalyzer(
+                    self.pipeline,
+                    options_from_analyze_options(series_options.analysis),
+                    group_series=series_options.group_series,
+                    dicom_seg=series_options.dicom_seg,
+                    slot=lambda: self._slot(context.time_remaining()),
+                )
+            file_ids.append(request.file_id)
+            await analyzer.add(request.dicom)
+        if analyzer is None:
+            raise InvalidImage("AnalyzeSeries received no files")
+        outcomes, skipped = await analyzer.finish()
+        for outcome in outcomes:
+            for analyzed in outcome.slices:
+                if self.metrics is not None:
+                    self.metrics.observe_stages(analyzed.analysis.timings_ms)
+        return series_response(outcomes, skipped, file_ids, self.pipeline.model_versions)
 
     def _respond(self, analysis: Analysis, image_id: str) -> pb.AnalyzeResponse:
         if self.metrics is not None:
@@ -126,11 +166,11 @@ class BrainScanService(pb_grpc.BrainScanServicer):
 
 
 def options_from_request(request: pb.AnalyzeRequest) -> AnalysisOptions:
-    return AnalysisOptions(
-        segment=not request.options.skip_segmentation,
-        detect=not request.options.skip_detection,
-        gate=not request.options.ungated,
-    )
+    return options_from_analyze_options(request.options)
+
+
+def options_from_analyze_options(options: pb.AnalyzeOptions) -> AnalysisOptions:
+    return AnalysisOptions(segment=not options.skip_segmentation, detect=not options.skip_detection, gate=not options.ungated)
 
 
 def image_from_request(request: pb.AnalyzeRequest) -> bytes | np.ndarray:
@@ -196,3 +236,43 @@ def _mask(region: MaskRegion) -> pb.Mask:
 def _box(box: tuple[float, float, float, float]) -> pb.Box:
     return pb.Box(x0=box[0], y0=box[1], x1=box[2], y1=box[3])
 
+
+
+def series_response(
+    outcomes: list[SeriesOutcome], skipped: list[Skipped], file_ids: list[str], versions: dict[str, str]
+) -> pb.AnalyzeSeriesResponse:
+    response = pb.AnalyzeSeriesResponse(
+        skipped=[pb.SkippedFile(file_id=file_ids[s.index], reason=s.reason) for s in skipped], disclaimer=DISCLAIMER
+    )
+    for outcome in outcomes:
+        result = response.series.add(series_instance_uid=outcome.series_uid)
+        if outcome.error is not None:
+            result.error.CopyFrom(pb.Error(code=status_code_for(outcome.error).name, message=str(outcome.error)))
+            continue
+        summary = outcome.summary
+        assert summary is not None  # set on every outcome without an error
+        result.label, result.ordered_by = summary.label, outcome.ordered_by
+        result.tumor_slices.extend(summary.tumor_slices)
+        result.notes.extend(summary.notes)
+        result.model_versions.update(versions)
+        if summary.largest_cross_section_mm2 is not None:
+            result.largest_cross_section_mm2 = summary.largest_cross_section_mm2
+        if summary.volume_ml is not None:
+            result.volume_ml = summary.volume_ml
+        if outcome.slice_distance_mm is not None:
+            result.slice_distance_mm = outcome.slice_distance_mm
+        if outcome.dicom_seg is not None:
+            result.dicom_seg = outcome.dicom_seg
+        for analyzed in outcome.slices:
+            header = analyzed.header
+            item = result.slices.add(
+                file_id=file_ids[header.file_index],
+                frame=header.frame,
+                sop_instance_uid=header.sop_instance_uid,
+                thickness_mm=analyzed.thickness_mm or 0.0,
+                result=response_from_analysis(analyzed.analysis, file_ids[header.file_index], versions),
+            )
+            item.result.frame = header.frame
+            if analyzed.position_mm is not None:
+                item.position_mm = analyzed.position_mm
+    return response

@@ -18,6 +18,7 @@ from brainscan.errors import (
     Unauthenticated,
 )
 from brainscan.results import DISCLAIMER, AnalysisResult, Instance
+from brainscan.series import SeriesAnalysis, SeriesFailure, SeriesResult, SeriesSlice, SkippedFile
 
 __all__ = [
     "AnalysisResult",
@@ -32,6 +33,11 @@ __all__ = [
     "Overloaded",
     "ServerError",
     "ServerInfo",
+    "SeriesAnalysis",
+    "SeriesFailure",
+    "SeriesResult",
+    "SeriesSlice",
     "ServerUnavailable",
+    "SkippedFile",
     "Unauthenticated",
 ]

@@ -21,6 +21,7 @@ import grpc.aio
 from brainscan.errors import from_rpc_error
 from brainscan.inputs import ImageLike, build_request
 from brainscan.results import AnalysisResult, result_from_response
+from brainscan.series import PathLike, SeriesAnalysis, series_files, series_from_response, series_requests
 from brainscan.v1 import brainscan_pb2 as pb
 from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
 
@@ -92,6 +93,12 @@ def _server_info(response: pb.GetModelInfoResponse) -> ServerInfo:
     )
 
 
+def _series_timeout(given: float | None, per_image: float | None, files: int) -> float | None:
+    if given is not None:
+        return given
+    return None if per_image is None else per_image * max(1, files)
+
+
 class Client:
     """Blocking client. Keyword-only options; reuses one channel; a context manager."""
 
@@ -148,6 +155,32 @@ class Client:
                 yield result_from_response(response)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+    def analyze_series(
+        self,
+        paths_or_folder: PathLike | Iterable[PathLike],
+        *,
+        segment: bool = True,
+        detect: bool = True,
+        gate: bool = True,
+        group_series: bool = False,
+        dicom_seg: bool = False,
+        timeout_s: float | None = None,
+    ) -> SeriesAnalysis:
+        """Analyze whole DICOM series (a folder, or files) through AnalyzeSeries.
+
+        Files of several series need `group_series`; `dicom_seg` asks for a DICOM SEG per series.
+        The deadline defaults to the client's per-image timeout times the number of files.
+        """
+        paths, skipped = series_files(paths_or_folder)
+        requests = series_requests(paths, segment=segment, detect=detect, gate=gate, group_series=group_series, dicom_seg=dicom_seg)
+        try:
+            response = self._stub.AnalyzeSeries(
+                requests, timeout=_series_timeout(timeout_s, self.timeout_s, len(paths)), metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return series_from_response(response, skipped)
 
     def model_info(self) -> ServerInfo:
         try:
@@ -218,6 +251,27 @@ class AsyncClient:
                 yield result_from_response(response)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+    async def analyze_series(
+        self,
+        paths_or_folder: PathLike | Iterable[PathLike],
+        *,
+        segment: bool = True,
+        detect: bool = True,
+        gate: bool = True,
+        group_series: bool = False,
+        dicom_seg: bool = False,
+        timeout_s: float | None = None,
+    ) -> SeriesAnalysis:
+        paths, skipped = series_files(paths_or_folder)
+        requests = series_requests(paths, segment=segment, detect=detect, gate=gate, group_series=group_series, dicom_seg=dicom_seg)
+        try:
+            response = await self._stub.AnalyzeSeries(
+                requests, timeout=_series_timeout(timeout_s, self.timeout_s, len(paths)), metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return series_from_response(response, skipped)
 
     async def model_info(self) -> ServerInfo:
         try:
