@@ -68,13 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
     analyze = commands.add_parser("analyze", help="analyze image files against a running gateway")
-    analyze.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or DICOM files")
+    analyze.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or DICOM files, or folders of DICOM series")
     analyze.add_argument("--json", action="store_true", help="print one JSON object per line")
     analyze.add_argument("--overlay", type=Path, metavar="DIR", help="write an overlay PNG per image into DIR")
     analyze.add_argument("--no-segment", action="store_true", help="skip the U-Net")
     analyze.add_argument("--no-detect", action="store_true", help="skip the Mask R-CNN")
     analyze.add_argument("--ungated", action="store_true", help="run U-Net/Mask R-CNN even when no tumor is seen")
     analyze.add_argument("--timeout", type=float, default=30.0, help="per-image deadline in seconds (default 30)")
+    analyze.add_argument("--dicom-seg", type=Path, metavar="OUT_DIR",
+                         help="analyze as DICOM series and write one DICOM SEG per series into OUT_DIR")
+    analyze.add_argument("--group-series", action="store_true",
+                         help="the DICOM files may hold several series: one result per series")
     add_connection_flags(analyze)
 
     info = commands.add_parser("info", help="show the models a gateway serves")
@@ -190,6 +194,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from brainscan.errors import BrainscanError, ServerUnavailable, Unauthenticated
 
+    if args.dicom_seg or any(path.is_dir() for path in args.images):
+        return _analyze_series(args)
     failures = 0
     overlay_names: set[str] = set()
     with connect(args, timeout_s=args.timeout) as client:
@@ -216,6 +222,60 @@ def _analyze(args: argparse.Namespace) -> int:
                 if not args.json:
                     print(f"  overlay: {target}")
     return 1 if failures else 0
+
+
+def _analyze_series(args: argparse.Namespace) -> int:
+    """Folders (or files) of DICOM series through AnalyzeSeries: a summary per series, SEGs on request."""
+    from brainscan.errors import BrainscanError
+
+    try:
+        with connect(args, timeout_s=args.timeout) as client:
+            analysis = client.analyze_series(
+                args.images, segment=not args.no_segment, detect=not args.no_detect, gate=not args.ungated,
+                group_series=args.group_series, dicom_seg=args.dicom_seg is not None,
+            )
+    except BrainscanError as error:
+        print(f"brainscan analyze: {error}", file=sys.stderr)
+        return 1
+    for skipped in analysis.skipped:
+        print(f"{skipped.file}: skipped: {skipped.reason}", file=sys.stderr)
+    for failure in analysis.failed:
+        print(f"series {failure.series_instance_uid}: {failure.error}", file=sys.stderr)
+    for series in analysis.series:
+        target = None
+        if args.dicom_seg is not None and series.dicom_seg:
+            args.dicom_seg.mkdir(parents=True, exist_ok=True)
+            target = args.dicom_seg / f"{series.series_instance_uid}.seg.dcm"
+            target.write_bytes(series.dicom_seg)
+        if args.json:
+            print(json.dumps({**series.to_json_dict(), "dicom_seg": None if target is None else str(target)}), flush=True)
+        else:
+            print(format_series(series, target), flush=True)
+    return 1 if analysis.failed else 0
+
+
+def format_series(series, seg_path: Path | None = None) -> str:
+    distance = f", {series.slice_distance_mm:g} mm apart" if series.slice_distance_mm else ""
+    lines = [
+        f"series {series.series_instance_uid}",
+        f"  label: {series.label}   {len(series.slices)} slices (ordered by {series.ordered_by.replace('_', ' ')}{distance})",
+    ]
+    tumor = ", ".join(map(str, series.tumor_slices)) or "none"
+    largest = "unknown" if series.largest_cross_section_mm2 is None else f"{series.largest_cross_section_mm2:.1f} mm²"
+    volume = "unknown" if series.volume_ml is None else f"{series.volume_ml:.3f} mL"
+    lines.append(f"  tumor on slices: {tumor}   largest cross-section: {largest}   volume: {volume}")
+    lines.extend(f"  note: {note}" for note in series.notes)
+    for index, item in enumerate(series.slices):
+        result = item.result
+        where = "" if item.position_mm is None else f" at {item.position_mm:.1f} mm"
+        area = f"   mask {result.segmentation_area_mm2:.1f} mm²" if result.segmentation_area_mm2 is not None else ""
+        frame = f" frame {item.frame}" if item.frame else ""
+        lines.append(f"  {index:>3} {item.file}{frame}{where}: {result.label}   p(tumor) = {result.tumor_probability:.3f}{area}")
+    models = ", ".join(f"{k} v{v}" for k, v in sorted(series.models.items()))
+    lines.append(f"  models: {models}")
+    if seg_path is not None:
+        lines.append(f"  DICOM SEG: {seg_path}")
+    return "\n".join(lines)
 
 
 def _unique_stem(path: Path, taken: set[str]) -> str:
