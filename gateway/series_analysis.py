@@ -160,6 +160,8 @@ class SeriesAnalyzer:
                 seg = await asyncio.to_thread(self._segmentation, ordered, slices)
             except InvalidSeries as error:
                 notes.append(f"no DICOM SEG: {error}")
+            except (AttributeError, ValueError, TypeError) as error:  # highdicom: a source lacks what a SEG needs
+                notes.append(f"no DICOM SEG: the source headers do not make a valid one ({type(error).__name__}: {error})")
         summary = SeriesSummary(
             summary.label, summary.tumor_slices, summary.largest_cross_section_mm2, summary.volume_ml, tuple(notes)
         )

@@ -19,7 +19,7 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from brainscan import Client, InvalidInput
+from brainscan import AsyncClient, Client, InvalidInput
 from gateway.errors import InvalidSeries
 from gateway.series import SliceFinding, Skipped, group_by_series, order_series, read_header, summarize
 from tests.dicom_factory import dicom_bytes, mr_series
@@ -219,6 +219,21 @@ def test_mixed_series_need_grouping_and_bad_series_fail_alone(embedded_gateway, 
     ((failure),) = analysis.failed
     assert failure.series_instance_uid == uid and "ImageOrientationPatient" in str(failure.error)
     assert embedded_gateway.alive()
+
+
+def test_async_client_mirrors_the_blocking_one(embedded_gateway, series_dir, analyzed):
+    import asyncio
+
+    folder, _, _ = series_dir
+
+    async def run():
+        async with AsyncClient(embedded_gateway.address) as client:
+            return await client.analyze_series(folder, gate=False)
+
+    (series,) = asyncio.run(run()).series
+    (blocking,) = analyzed.series
+    assert [s.sop_instance_uid for s in series.slices] == [s.sop_instance_uid for s in blocking.slices]
+    assert series.volume_ml == pytest.approx(blocking.volume_ml) and series.dicom_seg is None
 
 
 def test_cli_writes_one_seg_per_series(embedded_gateway, series_dir, tmp_path):

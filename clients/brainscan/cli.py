@@ -34,6 +34,7 @@ DELEGATED: dict[tuple[str, str], tuple[str, bool]] = {
     ("bench", "pipeline"): ("bench.pipeline", False),
     ("bench", "ab"): ("bench.ab", False),
     ("bench", "triton-calls"): ("bench.triton_calls", False),
+    ("bench", "series"): ("bench.series", False),
 }
 SINGLE: dict[str, str] = {"triton": "gateway.triton_local"}
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Model lifecycle: brainscan train|evaluate|export {classifier,unet,maskrcnn} --help, "
         "brainscan evaluate service --help (the evaluation splits through a running gateway), "
-        "brainscan data audit --help, brainscan triton --help, brainscan bench pipeline|ab|triton|triton-calls --help",
+        "brainscan data audit --help, brainscan triton --help, brainscan bench pipeline|ab|triton|triton-calls|series --help",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", "evaluate a model's ONNX file (classifier, unet, maskrcnn) or a running gateway (service)"),
         ("export", "export a trained model into model_repository/: classifier, unet, maskrcnn (or tiny)"),
         ("data", "dataset tools: audit"),
-        ("bench", "benchmarks: pipeline, ab (this checkout vs a git revision), triton, triton-calls (per-model Triton cost)"),
+        ("bench", "benchmarks: pipeline, ab (this checkout vs a git revision), triton, triton-calls (per-model Triton cost), series (one DICOM series end to end)"),
         ("triton", "run a local Triton server over model_repository/"),
     ):
         commands.add_parser(name, help=help_text, add_help=False)
