@@ -214,6 +214,27 @@ class MaskedSlice:
             raise ValueError(f"cannot read mask {self.mask_path}")
         return mask >= 128
 
+    def union_mask(self, height: int, width: int) -> np.ndarray:
+        mask = self.read_mask()
+        if mask.shape != (height, width):
+            raise ValueError(f"{self.mask_path} is {mask.shape[1]}x{mask.shape[0]}, its image {width}x{height}")
+        return mask
+
+
+@dataclass(frozen=True)
+class BoxedSlice:
+    """An image with one tumor box and no mask (sartaj-boxes): a target for box-supervised losses only."""
+
+    path: Path
+    box: tuple[float, float, float, float]
+
+    def union_mask(self, height: int, width: int) -> np.ndarray:
+        """The box filled in on the image grid: what a box loss compares projections with, never a mask label."""
+        canvas = np.zeros((height, width), dtype=bool)
+        x0, y0, x1, y1 = self.box
+        canvas[max(0, int(np.floor(y0))):min(height, int(np.ceil(y1))), max(0, int(np.floor(x0))):min(width, int(np.ceil(x1)))] = True
+        return canvas
+
 
 def load_lgg_split(data_root: Path, split: str) -> list[MaskedSlice]:
     """Every slice of `lgg-flair/<split>` listed in `slices.csv`, in patient/slice order."""

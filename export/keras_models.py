@@ -1,6 +1,6 @@
 """Keras 3 model builders for the classifier and the U-Net.
 
-The classifier is EfficientNet-Lite0 with ported ImageNet weights
+Both are built on EfficientNet-Lite0 with ported ImageNet weights
 (`export.efficientnet_lite`). Both take the gateway's tensor as is (`image`, S×S×1 float32 in [0, 1]) and
 name their output layer after the contract (`probabilities`, `mask`), so the
 ONNX graph carries the contract's tensor names without renaming.
@@ -62,29 +62,33 @@ def build_classifier(size: int, *, pretrained: bool = True, dropout: float = 0.2
     return model
 
 
-def build_unet(size: int, *, base: int = 16, levels: int = 4, dropout: float = 0.1) -> keras.Model:
-    """Plain U-Net (two conv-BN-swish per level, bilinear up + concat), sigmoid mask output."""
+def build_unet(size: int, *, pretrained: bool = True, decoder: tuple[int, ...] = (96, 64, 48, 24),
+               dropout: float = 0.1) -> keras.Model:
+    """U-Net on the EfficientNet-Lite0 encoder: skips at strides 16, 8, 4 and 2, bilinear up-sampling.
+
+    The decoder stops at stride 2 and the mask logits are up-sampled bilinearly to the input
+    grid: a full-resolution decoder level cost more than the whole encoder on the CPU.
+    """
+    from export.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, keras_encoder, port_to_keras
+
     inputs = keras.Input((size, size, 1), name=INPUT_NAME)
-    x = layers.Rescaling(2.0, offset=-1.0, name="center")(inputs)
-    skips = []
-    for level in range(levels):
-        filters = base * 2**level
-        x = _conv_bn_act(x, filters, name=f"enc{level}a")
-        x = _conv_bn_act(x, filters, name=f"enc{level}b")
-        skips.append(x)
-        x = layers.MaxPooling2D(2, name=f"pool{level}")(x)
-    x = _conv_bn_act(x, base * 2**levels, name="mid_a")
-    x = layers.SpatialDropout2D(dropout, name="mid_dropout")(x)
-    x = _conv_bn_act(x, base * 2**levels, name="mid_b")
-    for level in reversed(range(levels)):
-        filters = base * 2**level
+    x = layers.Rescaling(255.0 / PIXEL_STD, offset=-PIXEL_MEAN / PIXEL_STD, name="normalize")(inputs)
+    features = keras_encoder(x)
+    x = layers.SpatialDropout2D(dropout, name="bottom_dropout")(features[-1])
+    skips = list(reversed(features[:-1]))
+    for level, (filters, skip) in enumerate(zip(decoder, skips)):
         x = layers.UpSampling2D(2, interpolation="bilinear", name=f"up{level}")(x)
-        x = layers.Concatenate(name=f"cat{level}")([x, skips[level]])
+        x = layers.Concatenate(name=f"cat{level}")([x, skip])
         x = _conv_bn_act(x, filters, name=f"dec{level}a")
-        x = _conv_bn_act(x, filters, name=f"dec{level}b")
+        if level < len(decoder) - 1:
+            x = _conv_bn_act(x, filters, name=f"dec{level}b")
     x = layers.Conv2D(1, 1, name="mask_logits")(x)
+    x = layers.UpSampling2D(2, interpolation="bilinear", name="up_logits")(x)
     outputs = layers.Activation("sigmoid", name=OUTPUT_NAMES["unet"])(x)
-    return keras.Model(inputs, outputs, name="unet")
+    model = keras.Model(inputs, outputs, name="unet")
+    if pretrained:
+        port_to_keras(model, with_head=False)
+    return model
 
 
 def build(model: str, size: int, **kwargs) -> keras.Model:

