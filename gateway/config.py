@@ -24,6 +24,8 @@ class GatewayConfig:
     port: int = 50051
     backend: str = "embedded"  # embedded | triton
     model_repository: Path = PROJECT_ROOT / "model_repository"
+    # one or more Triton gRPC targets, comma-separated: host:port, or dns:///name:port for every
+    # address the name resolves to (re-resolved while running; a Kubernetes headless Service)
     triton_url: str = "127.0.0.1:8001"
     tumor_threshold: float = 0.5
     mask_threshold: float = 0.5
@@ -31,6 +33,9 @@ class GatewayConfig:
     max_request_mb: float = 32.0
     max_image_side: int = 8192
     max_in_flight: int = 64
+    # Decoded pixels (all frames), read from headers before decoding: per request, and across requests in flight.
+    max_request_pixels: int = 1 << 25  # 32 Mi: 128 frames of 512×512, or one 5792×5792 image
+    max_inflight_pixels: int = 1 << 25
     worker_threads: int = field(default_factory=_default_threads)
     ort_threads: int = field(default_factory=_default_threads)
     ort_concurrent_runs: int = 0  # embedded backend: session runs at once (0 = auto: max(2, cores // ort_threads); GPU 4)
@@ -71,9 +76,26 @@ def load_config(overrides: dict[str, object] | None = None, environ: dict[str, s
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    triton_targets(config.triton_url)  # refuse a malformed list before anything starts
     if config.log_format not in ("json", "text"):
         raise ValueError(f"log format must be 'json' or 'text', got {config.log_format!r}")
     return config
+
+
+DNS_SCHEME = "dns:///"
+
+
+def triton_targets(spec: str) -> tuple[str, ...]:
+    """'host1:8001,host2:8001' or 'dns:///name:8001' → the targets, each checked to end in a port."""
+    targets = tuple(part.strip() for part in spec.split(","))
+    for target in targets:
+        address = target.removeprefix(DNS_SCHEME)
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"Triton target {target!r} in --triton-url {spec!r} is not host:port or dns:///name:port"
+            )
+    return targets
 
 
 def _coerce(type_name: object, raw: str, variable: str) -> object:

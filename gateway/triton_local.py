@@ -306,6 +306,16 @@ class LocalTriton:
         if process is not None:
             _terminate(process)
 
+    def kill(self) -> None:
+        """SIGKILL the server and its backend stubs at once, as a crash would; start() brings it back."""
+        process, self._process = self._process, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
     def close(self) -> None:
         """Stop and remove the temporary shim repository."""
         self.stop()

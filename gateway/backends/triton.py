@@ -1,11 +1,24 @@
-"""Triton backend: the models served by a Triton server, over one gRPC channel.
+"""Triton backend: the models served by one or more Triton servers.
 
-The same repository the gateway reads (`model_repository/`) is the contract;
-`start()` checks that Triton serves every model with exactly those tensors
-(names, datatypes, shapes, max_batch_size), and re-checks whenever Triton comes
-back after being away. Calls carry a timeout derived from the caller's
-deadline; UNAVAILABLE is retried a bounded number of times with exponential
-backoff, inside that deadline.
+`url` lists the servers (gateway/config.py `triton_targets`): `host:port`
+entries, comma-separated, and/or `dns:///name:port`, which stands for every
+address the name resolves to (re-resolved every few seconds, as a Kubernetes
+headless Service adds and drops pods). Each address is an endpoint with its own
+channel.
+
+The same repository the gateway reads (`model_repository/`) is the contract:
+an endpoint takes calls only after it was checked to serve every model with
+exactly those tensors (names, datatypes, shapes, max_batch_size), and is
+checked again whenever it comes back after being away.
+
+Endpoints are probed every `probe_interval_s` (server and every model ready);
+one that fails a probe, or answers a call with UNAVAILABLE, is out of rotation
+at once and back after its next good probe. Calls go to the ready endpoint
+with the fewest calls in flight (round robin among equals). A call answered
+UNAVAILABLE (server gone, connection reset) is retried on another ready
+endpoint straight away, or after exponential backoff when none is, at most
+`max_retries` times and only inside the caller's deadline. `is_ready()` is
+true while any endpoint is ready.
 
 Triton status → domain error:
 
@@ -18,7 +31,10 @@ Triton status → domain error:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +42,26 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from gateway.config import DNS_SCHEME, triton_targets
 from gateway.contract import ModelSpec, TensorSpec, load_repository
 from gateway.errors import BackendUnavailable, BrainscanError, ContractError, DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # Mask R-CNN returns full-size masks per detection
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One Triton server address and what the backend knows about it."""
+
+    url: str
+    client: InferenceServerClient
+    source: str  # the --triton-url target it comes from (a dns:/// name stands for several)
+    ready: bool = False
+    verified: bool = False  # contract checked since it last came up
+    in_flight: int = 0
+    calls: int = 0  # answered calls
 
 
 class TritonBackend:
@@ -47,29 +77,41 @@ class TritonBackend:
         max_backoff_s: float = 1.0,
         startup_wait_s: float = 30.0,
         health_timeout_s: float = 1.0,
+        probe_interval_s: float = 1.0,
+        resolve_interval_s: float = 5.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.url = url
+        self.targets = triton_targets(url)
         self.repository = Path(repository)
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.startup_wait_s = startup_wait_s
         self.health_timeout_s = health_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self.resolve_interval_s = resolve_interval_s
         self.max_message_bytes = max_message_bytes
         self.specs: dict[str, ModelSpec] = load_repository(self.repository)
-        self._client: InferenceServerClient | None = None
-        self._verified = False  # contract checked against the Triton we talk to now
+        self.endpoints: dict[str, Endpoint] = {}  # by url
+        self._retired: list[Endpoint] = []  # dropped from DNS, closed once idle
+        self._turn = itertools.count()
+        self._monitor: asyncio.Task | None = None
 
     # --- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the channel, wait (bounded) for Triton, and check every model against the contract."""
-        if self._client is None:
-            self._client = InferenceServerClient(self.url, channel_args=self._channel_args())
+        """Open the channels, wait (bounded) until one Triton is ready, check the contract, start probing.
+
+        A reachable Triton that serves different models raises ContractError: the
+        gateway refuses to start rather than leave a misconfigured server unnoticed.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.startup_wait_s
-        while not await self._models_ready():
+        while True:
+            await self._resolve()
+            if any(await asyncio.gather(*(self._probe(e, strict=True) for e in self._pool()))):
+                break
             if loop.time() >= deadline:
                 raise BackendUnavailable(
                     f"Triton at {self.url} is not ready after {self.startup_wait_s:.0f} s "
@@ -77,26 +119,23 @@ class TritonBackend:
                     "Start one with `brainscan triton`."
                 )
             await asyncio.sleep(0.5)
-        await self._check_contract()
+        if self._monitor is None:
+            self._monitor = asyncio.create_task(self._watch())
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-        self._verified = False
+        if self._monitor is not None:
+            self._monitor.cancel()
+            self._monitor = None
+        endpoints, self.endpoints = [*self.endpoints.values(), *self._retired], {}
+        self._retired = []
+        for endpoint in endpoints:
+            await endpoint.client.close()
 
     async def is_ready(self) -> bool:
-        """Server and every model ready; a Triton that came back is re-checked against the contract."""
-        if self._client is None or not await self._models_ready():
-            self._verified = False
+        """Probe every endpoint now; true while at least one serves every model under the contract."""
+        if not self.endpoints:
             return False
-        if not self._verified:
-            try:
-                await self._check_contract()
-            except BrainscanError as exc:
-                log.error("Triton at %s is up but not usable: %s", self.url, exc)
-                return False
-        return True
+        return any(await asyncio.gather(*(self._probe(e) for e in self._pool())))
 
     # --- inference ---------------------------------------------------------
 
@@ -105,7 +144,7 @@ class TritonBackend:
     ) -> dict[str, np.ndarray]:
         if model not in self.specs:
             raise ContractError(f"unknown model {model!r}; the repository has {sorted(self.specs)}")
-        if self._client is None:
+        if not self.endpoints:
             raise BackendUnavailable(f"Triton backend for {self.url} is not started")
         spec = self.specs[model]
         request = [_infer_input(spec, tensor, inputs) for tensor in spec.inputs]
@@ -115,26 +154,153 @@ class TritonBackend:
         outputs = [InferRequestedOutput(t.name) for t in spec.outputs]
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
+        tried: list[str] = []
         attempt = 0
         while True:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded(f"model {spec.name!r}: no time left for Triton (timeout {timeout_s:.3f} s)")
+            endpoint = self._pick(tried)
+            endpoint.in_flight += 1
             try:
-                result = await self._client.infer(spec.name, request, outputs=outputs, client_timeout=remaining)
+                result = await endpoint.client.infer(spec.name, request, outputs=outputs, client_timeout=remaining)
+                endpoint.calls += 1
                 break
             except InferenceServerException as exc:
-                delay = min(self.backoff_s * 2**attempt, self.max_backoff_s)
-                retry = _status(exc) == "UNAVAILABLE" and attempt < self.max_retries
-                if retry and (deadline is None or loop.time() + delay < deadline):
-                    attempt += 1
-                    self._verified = False
-                    await asyncio.sleep(delay)
-                    continue
-                raise self._error(exc, spec, attempt + 1, timeout_s) from None
+                tried.append(endpoint.url)
+                if _status(exc) != "UNAVAILABLE" or attempt >= self.max_retries:
+                    raise self._error(exc, spec, tried, timeout_s) from None
+                self._take_out(endpoint, exc.message())
+                # another ready endpoint: go now; none: give the servers a moment
+                delay = 0.0 if self._ready_besides(tried) else min(self.backoff_s * 2**attempt, self.max_backoff_s)
+                if deadline is not None and loop.time() + delay >= deadline:
+                    raise self._error(exc, spec, tried, timeout_s) from None
+                attempt += 1
+                await asyncio.sleep(delay)
+            finally:
+                endpoint.in_flight -= 1
         return {t.name: _output(result, spec, t) for t in spec.outputs}
 
-    # --- internals ---------------------------------------------------------
+    # --- endpoints ---------------------------------------------------------
+
+    def _pool(self) -> list[Endpoint]:
+        return list(self.endpoints.values())
+
+    def _pick(self, tried: list[str]) -> Endpoint:
+        """Fewest in flight among the ready endpoints not tried yet by this call (round robin among equals).
+
+        With none ready, an untried endpoint still gets the call: the last probe may be stale.
+        """
+        pool = self._pool()
+        ready = [e for e in pool if e.ready]
+        candidates = (
+            [e for e in ready if e.url not in tried] or ready or [e for e in pool if e.url not in tried] or pool
+        )
+        shift = next(self._turn) % len(candidates)
+        rotated = candidates[shift:] + candidates[:shift]
+        return min(rotated, key=lambda e: e.in_flight)
+
+    def _ready_besides(self, tried: list[str]) -> bool:
+        return any(e.ready and e.url not in tried for e in self._pool())
+
+    def _take_out(self, endpoint: Endpoint, reason: str) -> None:
+        endpoint.verified = False
+        if endpoint.ready:
+            endpoint.ready = False
+            log.warning("Triton %s out of rotation (%s); %d of %d ready",
+                        endpoint.url, reason, sum(e.ready for e in self._pool()), len(self.endpoints))
+
+    def _put_back(self, endpoint: Endpoint) -> None:
+        if not endpoint.ready and endpoint.url in self.endpoints:
+            endpoint.ready = True
+            log.info("Triton %s in rotation; %d of %d ready",
+                     endpoint.url, sum(e.ready for e in self._pool()), len(self.endpoints))
+
+    async def _probe(self, endpoint: Endpoint, *, strict: bool = False) -> bool:
+        """Server and every model ready, contract checked (again after a return); updates the rotation.
+
+        `strict`: a contract mismatch raises ContractError instead of keeping the endpoint out.
+        """
+        timeout = self.health_timeout_s
+        client = endpoint.client
+        try:
+            checks = [client.is_server_ready(client_timeout=timeout)]
+            checks += [client.is_model_ready(s.name, client_timeout=timeout) for s in self.specs.values()]
+            up = all(await asyncio.gather(*checks))
+        except InferenceServerException as exc:
+            self._take_out(endpoint, f"probe: {_status(exc) or exc.message()}")
+            return False
+        if not up:
+            self._take_out(endpoint, "server or a model not ready")
+            return False
+        if not endpoint.verified:
+            try:
+                await self._check_contract(endpoint)
+            except ContractError as exc:
+                if strict:
+                    raise
+                self._take_out(endpoint, "contract mismatch")
+                log.error("Triton at %s is up but not usable: %s", endpoint.url, exc)
+                return False
+            except BackendUnavailable as exc:
+                self._take_out(endpoint, str(exc))
+                return False
+        self._put_back(endpoint)
+        return True
+
+    async def _watch(self) -> None:
+        """Probe every endpoint each `probe_interval_s`; re-resolve DNS targets each `resolve_interval_s`."""
+        loop = asyncio.get_running_loop()
+        next_resolve = loop.time() + self.resolve_interval_s
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            try:
+                if loop.time() >= next_resolve:
+                    next_resolve = loop.time() + self.resolve_interval_s
+                    await self._resolve()
+                await asyncio.gather(*(self._probe(e) for e in self._pool()))
+            except Exception:  # the watcher must outlive any one bad probe
+                log.exception("probing the Triton endpoints failed")
+
+    async def _resolve(self) -> None:
+        """Bring the endpoint set in line with the targets (DNS names looked up again)."""
+        wanted: dict[str, str] = {}  # url → the target it comes from
+        for target in self.targets:
+            if not target.startswith(DNS_SCHEME):
+                wanted.setdefault(target, target)
+                continue
+            # a failed or empty lookup keeps what the name gave before; the probes decide
+            addresses = await self._lookup(target) or [e.url for e in self._pool() if e.source == target]
+            for url in addresses:
+                wanted.setdefault(url, target)
+        for url, source in wanted.items():
+            if url not in self.endpoints:
+                client = InferenceServerClient(url, channel_args=self._channel_args())
+                self.endpoints[url] = Endpoint(url, client, source=source)
+        for url in [u for u in self.endpoints if u not in wanted]:
+            endpoint = self.endpoints.pop(url)
+            endpoint.ready = False
+            log.info("Triton %s no longer resolved; dropped", url)
+            self._retired.append(endpoint)
+        for endpoint in [e for e in self._retired if e.in_flight == 0]:
+            self._retired.remove(endpoint)
+            await endpoint.client.close()
+
+    async def _lookup(self, target: str) -> list[str]:
+        host, _, port = target.removeprefix(DNS_SCHEME).rpartition(":")
+        host = host.strip("[]")
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("cannot resolve Triton target %s: %s", target, exc)
+            return []
+        urls = []
+        for family, _, _, _, sockaddr in infos:
+            ip = str(sockaddr[0])
+            url = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+            if url not in urls:
+                urls.append(url)
+        return urls
 
     def _channel_args(self) -> list[tuple[str, int]]:
         return [
@@ -146,32 +312,26 @@ class TritonBackend:
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
 
-    async def _models_ready(self) -> bool:
-        assert self._client is not None
-        timeout = self.health_timeout_s
-        try:
-            checks = [self._client.is_server_ready(client_timeout=timeout)]
-            checks += [self._client.is_model_ready(s.name, client_timeout=timeout) for s in self.specs.values()]
-            return all(await asyncio.gather(*checks))
-        except InferenceServerException:
-            return False
-
-    async def _check_contract(self) -> None:
-        assert self._client is not None
+    async def _check_contract(self, endpoint: Endpoint) -> None:
         for spec in self.specs.values():
             try:
-                metadata = await self._client.get_model_metadata(spec.name, as_json=True)
-                config = (await self._client.get_model_config(spec.name, as_json=True))["config"]
+                metadata = await endpoint.client.get_model_metadata(spec.name, as_json=True)
+                config = (await endpoint.client.get_model_config(spec.name, as_json=True))["config"]
             except InferenceServerException as exc:
-                raise BackendUnavailable(f"Triton at {self.url}: cannot read model {spec.name!r}: {exc.message()}") from None
-            check_served_model(spec, metadata, config)
-        self._verified = True
+                raise BackendUnavailable(
+                    f"Triton at {endpoint.url}: cannot read model {spec.name!r}: {exc.message()}"
+                ) from None
+            try:
+                check_served_model(spec, metadata, config)
+            except ContractError as exc:
+                raise ContractError(f"Triton at {endpoint.url}: {exc}") from None
+        endpoint.verified = True
 
     def _error(
-        self, exc: InferenceServerException, spec: ModelSpec, attempts: int, timeout_s: float | None
+        self, exc: InferenceServerException, spec: ModelSpec, tried: list[str], timeout_s: float | None
     ) -> BrainscanError:
         status, message = _status(exc), exc.message()
-        where = f"model {spec.name!r} on Triton at {self.url}"
+        where = f"model {spec.name!r} on Triton at {tried[-1]}"
         if status == "DEADLINE_EXCEEDED":
             return DeadlineExceeded(f"{where} did not answer within {timeout_s:.3f} s")
         if status == "INVALID_ARGUMENT":
@@ -179,7 +339,10 @@ class TritonBackend:
         if status == "RESOURCE_EXHAUSTED":
             return Overloaded(f"{where} is overloaded: {message}")
         if status == "UNAVAILABLE":
-            return BackendUnavailable(f"{where} is unavailable after {attempts} attempt(s): {message}")
+            servers = ", ".join(dict.fromkeys(tried))
+            return BackendUnavailable(
+                f"{where} is unavailable after {len(tried)} attempt(s) (tried {servers}): {message}"
+            )
         return BackendUnavailable(f"{where} failed ({status}): {message}")
 
 
