@@ -110,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             with processes.gateway(args.model_repository.resolve(), work) as address:
                 results = measure(address, folder, args.rounds, args.slices)
-    print(f"| mode | series p50 ms (min–max) | per slice ms | tumor slices | SEG KiB |\n|---|---|---|---|---|")
+    print("| mode | series p50 ms (min–max) | per slice ms | tumor slices | SEG KiB |\n|---|---|---|---|---|")
     for mode, r in results.items():
         print(f"| {mode} | {r['series_ms_p50']} ({r['series_ms_min']}–{r['series_ms_max']}) | {r['slice_ms_p50']} "
               f"| {r['tumor_slices']}/{args.slices} | {r['seg_kb'] or '—'} |")

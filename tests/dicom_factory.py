@@ -9,8 +9,6 @@ import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from bench.dicom_series import mr_series  # noqa: F401  (the bench builds its series with it too)
-
 
 def dicom_bytes(
     pixels: np.ndarray | None,

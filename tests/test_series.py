@@ -19,10 +19,11 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from bench.dicom_series import mr_series
 from brainscan import AsyncClient, Client, InvalidInput
 from gateway.errors import InvalidSeries
 from gateway.series import SliceFinding, Skipped, group_by_series, order_series, read_header, summarize
-from tests.dicom_factory import dicom_bytes, mr_series
+from tests.dicom_factory import dicom_bytes
 from tests.test_cli_and_server import brainscan
 
 PATIENT_NAME, PATIENT_ID = "Testpatient^Quentin", "PID-7741-XYZ"
