@@ -19,7 +19,7 @@ from typing import AsyncContextManager
 import cv2
 import numpy as np
 
-from gateway.dicom_seg import segmentation_bytes
+from gateway.dicom_seg import measurement_report_bytes, segmentation_bytes
 from gateway.errors import BrainscanError, InvalidImage, InvalidSeries, RequestTooLarge
 from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
 from gateway.series import (
@@ -56,6 +56,7 @@ class SeriesOutcome:
     slices: tuple[AnalyzedSlice, ...] = ()
     summary: SeriesSummary | None = None
     dicom_seg: bytes | None = None
+    dicom_sr: bytes | None = None
 
 
 class SeriesAnalyzer:
@@ -68,10 +69,11 @@ class SeriesAnalyzer:
         *,
         group_series: bool,
         dicom_seg: bool,
+        dicom_sr: bool = False,
         slot: Callable[[], AsyncContextManager[None]],
     ) -> None:
         self.pipeline, self.options = pipeline, options
-        self.group_series, self.dicom_seg = group_series, dicom_seg
+        self.group_series, self.dicom_seg, self.dicom_sr = group_series, dicom_seg or dicom_sr, dicom_sr
         self._slot = slot
         self._files: list[DicomFile] = []
         self._skipped: list[Skipped] = []
@@ -154,14 +156,19 @@ class SeriesAnalyzer:
         )
         summary = summarize(ordered, [self._finding(s) for s in slices])
         notes = list(summary.notes)
-        seg = None
+        seg = sr = None
         if self.dicom_seg:
             try:
                 seg = await asyncio.to_thread(self._segmentation, ordered, slices)
+                if self.dicom_sr:
+                    sr = await asyncio.to_thread(self._report, ordered, seg, summary)
             except InvalidSeries as error:
-                notes.append(f"no DICOM SEG: {error}")
-            except (AttributeError, ValueError, TypeError) as error:  # highdicom: a source lacks what a SEG needs
-                notes.append(f"no DICOM SEG: the source headers do not make a valid one ({type(error).__name__}: {error})")
+                notes.append(f"no DICOM {'SEG' if seg is None else 'SR'}: {error}")
+            except (AttributeError, ValueError, TypeError) as error:  # highdicom: a source lacks what it needs
+                notes.append(
+                    f"no DICOM {'SEG' if seg is None else 'SR'}: the source headers do not make a valid one "
+                    f"({type(error).__name__}: {error})"
+                )
         summary = SeriesSummary(
             summary.label, summary.tumor_slices, summary.largest_cross_section_mm2, summary.volume_ml, tuple(notes)
         )
@@ -172,6 +179,7 @@ class SeriesAnalyzer:
             slices=slices,
             summary=summary,
             dicom_seg=seg,
+            dicom_sr=sr,
         )
 
     def _finding(self, analyzed: AnalyzedSlice) -> SliceFinding:
@@ -200,6 +208,17 @@ class SeriesAnalyzer:
             unet_version=self.pipeline.backend.specs["unet"].version,
             software_version=_software_version(),
             slice_distance_mm=ordered.slice_distance_mm,
+        )
+
+
+    def _report(self, ordered: OrderedSeries, seg: bytes, summary: SeriesSummary) -> bytes:
+        return measurement_report_bytes(
+            seg,
+            [f.header for f in ordered.files],
+            volume_ml=summary.volume_ml,
+            largest_cross_section_mm2=summary.largest_cross_section_mm2,
+            unet_version=self.pipeline.backend.specs["unet"].version,
+            software_version=_software_version(),
         )
 
 

@@ -123,6 +123,7 @@ class BrainScanService(pb_grpc.BrainScanServicer):
                     options_from_analyze_options(series_options.analysis),
                     group_series=series_options.group_series,
                     dicom_seg=series_options.dicom_seg,
+                    dicom_sr=series_options.dicom_sr,
                     slot=lambda: self._slot(context.time_remaining()),
                 )
             file_ids.append(request.file_id)
@@ -263,6 +264,8 @@ def series_response(
             result.slice_distance_mm = outcome.slice_distance_mm
         if outcome.dicom_seg is not None:
             result.dicom_seg = outcome.dicom_seg
+        if outcome.dicom_sr is not None:
+            result.dicom_sr = outcome.dicom_sr
         for analyzed in outcome.slices:
             header = analyzed.header
             item = result.slices.add(

@@ -151,7 +151,7 @@ def series_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[byt
 def analyzed(embedded_gateway, series_dir):
     folder, _, _ = series_dir
     with Client(embedded_gateway.address) as client:
-        return client.analyze_series(folder, gate=False, dicom_seg=True)
+        return client.analyze_series(folder, gate=False, dicom_seg=True, dicom_sr=True)
 
 
 def test_series_summary_matches_the_served_slices(analyzed, series_dir):
@@ -195,14 +195,39 @@ def test_dicom_seg_round_trip_references_the_sources_and_holds_the_served_masks(
     assert PATIENT_ID not in log and "Testpatient" not in log
 
 
-def test_dicom_seg_passes_dciodvfy(analyzed, tmp_path):
+def test_dicom_sr_reports_the_summary_on_the_seg_segment(analyzed):
+    (series,) = analyzed.series
+    sr = pydicom.dcmread(io.BytesIO(series.dicom_sr))
+    seg = pydicom.dcmread(io.BytesIO(series.dicom_seg))
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    values = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: float(item.MeasuredValueSequence[0].NumericValue)
+        for item in _content_items(sr)
+        if item.ValueType == "NUM"
+    }
+    assert values["Volume"] == pytest.approx(series.volume_ml, rel=1e-6)
+    assert values["Area"] == pytest.approx(series.largest_cross_section_mm2, rel=1e-6)
+    references = {ref.ReferencedSOPInstanceUID for item in _content_items(sr) for ref in item.get("ReferencedSOPSequence", [])}
+    assert seg.SOPInstanceUID in references
+    assert sr.PatientID == PATIENT_ID and "research use only" in sr.SeriesDescription
+
+
+def _content_items(dataset):
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+@pytest.mark.parametrize("kind", ["dicom_seg", "dicom_sr"])
+def test_dicom_objects_pass_dciodvfy(analyzed, tmp_path, kind):
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy not installed (Debian package dicom3tools; `make system-deps` installs it)")
-    path = tmp_path / "seg.dcm"
-    path.write_bytes(analyzed.series[0].dicom_seg)
+    path = tmp_path / f"{kind}.dcm"
+    path.write_bytes(getattr(analyzed.series[0], kind))
     done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     report = done.stdout + done.stderr
-    assert "Segmentation" in report  # it recognised the IOD it checked
+    assert {"dicom_seg": "Segmentation", "dicom_sr": "Comprehensive3DSR"}[kind] in report  # the IOD it checked
     assert not [line for line in report.splitlines() if line.startswith("Error")], report
 
 
@@ -240,8 +265,9 @@ def test_async_client_mirrors_the_blocking_one(embedded_gateway, series_dir, ana
 def test_cli_writes_one_seg_per_series(embedded_gateway, series_dir, tmp_path):
     folder, _, _ = series_dir
     out = tmp_path / "seg"
-    done = brainscan("analyze", str(folder), "--server", embedded_gateway.address, "--ungated", "--dicom-seg", str(out))
+    done = brainscan(
+        "analyze", str(folder), "--server", embedded_gateway.address, "--ungated", "--dicom-seg", str(out), "--dicom-sr"
+    )
     assert done.returncode == 0, done.stderr
     assert "volume" in done.stdout and "report.dcm" in done.stdout + done.stderr
-    (written,) = out.glob("*.dcm")
-    assert pydicom.dcmread(written).Modality == "SEG"
+    assert sorted(pydicom.dcmread(p).Modality for p in out.glob("*.dcm")) == ["SEG", "SR"]

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--timeout", type=float, default=30.0, help="per-image deadline in seconds (default 30)")
     analyze.add_argument("--dicom-seg", type=Path, metavar="OUT_DIR",
                          help="analyze as DICOM series and write one DICOM SEG per series into OUT_DIR")
+    analyze.add_argument("--dicom-sr", action="store_true",
+                         help="with --dicom-seg: also a DICOM SR (TID 1500) with the volume and largest cross-section")
     analyze.add_argument("--group-series", action="store_true",
                          help="the DICOM files may hold several series: one result per series")
     add_connection_flags(analyze)
@@ -234,6 +236,7 @@ def _analyze_series(args: argparse.Namespace) -> int:
             analysis = client.analyze_series(
                 args.images, segment=not args.no_segment, detect=not args.no_detect, gate=not args.ungated,
                 group_series=args.group_series, dicom_seg=args.dicom_seg is not None,
+                dicom_sr=args.dicom_sr and args.dicom_seg is not None,
             )
     except BrainscanError as error:
         print(f"brainscan analyze: {error}", file=sys.stderr)
@@ -248,6 +251,8 @@ def _analyze_series(args: argparse.Namespace) -> int:
             args.dicom_seg.mkdir(parents=True, exist_ok=True)
             target = args.dicom_seg / f"{series.series_instance_uid}.seg.dcm"
             target.write_bytes(series.dicom_seg)
+            if series.dicom_sr:
+                (args.dicom_seg / f"{series.series_instance_uid}.sr.dcm").write_bytes(series.dicom_sr)
         if args.json:
             print(json.dumps({**series.to_json_dict(), "dicom_seg": None if target is None else str(target)}), flush=True)
         else:

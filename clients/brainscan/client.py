@@ -165,15 +165,19 @@ class Client:
         gate: bool = True,
         group_series: bool = False,
         dicom_seg: bool = False,
+        dicom_sr: bool = False,
         timeout_s: float | None = None,
     ) -> SeriesAnalysis:
         """Analyze whole DICOM series (a folder, or files) through AnalyzeSeries.
 
-        Files of several series need `group_series`; `dicom_seg` asks for a DICOM SEG per series.
+        Files of several series need `group_series`; `dicom_seg` asks for a DICOM SEG per series,
+        `dicom_sr` for a DICOM SR (TID 1500) with its measurements too.
         The deadline defaults to the client's per-image timeout times the number of files.
         """
         paths, skipped = series_files(paths_or_folder)
-        requests = series_requests(paths, segment=segment, detect=detect, gate=gate, group_series=group_series, dicom_seg=dicom_seg)
+        requests = series_requests(
+            paths, segment=segment, detect=detect, gate=gate, group_series=group_series, dicom_seg=dicom_seg, dicom_sr=dicom_sr
+        )
         try:
             response = self._stub.AnalyzeSeries(
                 requests, timeout=_series_timeout(timeout_s, self.timeout_s, len(paths)), metadata=self._metadata
@@ -261,10 +265,13 @@ class AsyncClient:
         gate: bool = True,
         group_series: bool = False,
         dicom_seg: bool = False,
+        dicom_sr: bool = False,
         timeout_s: float | None = None,
     ) -> SeriesAnalysis:
         paths, skipped = series_files(paths_or_folder)
-        requests = series_requests(paths, segment=segment, detect=detect, gate=gate, group_series=group_series, dicom_seg=dicom_seg)
+        requests = series_requests(
+            paths, segment=segment, detect=detect, gate=gate, group_series=group_series, dicom_seg=dicom_seg, dicom_sr=dicom_sr
+        )
         try:
             response = await self._stub.AnalyzeSeries(
                 requests, timeout=_series_timeout(timeout_s, self.timeout_s, len(paths)), metadata=self._metadata

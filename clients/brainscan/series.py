@@ -44,6 +44,7 @@ class SeriesResult:
     notes: tuple[str, ...]  # gaps, overlaps, fallbacks
     models: dict[str, str]
     dicom_seg: bytes | None = field(default=None, repr=False)
+    dicom_sr: bytes | None = field(default=None, repr=False)  # TID 1500 measurement report
 
     def to_json_dict(self) -> dict[str, object]:
         """The CLI's --json line for a series: the summary and per-slice results, without masks."""
@@ -112,13 +113,14 @@ def series_files(paths_or_folder: PathLike | Iterable[PathLike]) -> tuple[list[P
 
 
 def series_requests(
-    paths: list[Path], *, segment: bool, detect: bool, gate: bool, group_series: bool, dicom_seg: bool
+    paths: list[Path], *, segment: bool, detect: bool, gate: bool, group_series: bool, dicom_seg: bool, dicom_sr: bool
 ) -> Iterator[pb.AnalyzeSeriesRequest]:
     """One message per file, read as it is sent; the first carries the options."""
     options = pb.SeriesOptions(
         analysis=pb.AnalyzeOptions(skip_segmentation=not segment, skip_detection=not detect, ungated=not gate),
         group_series=group_series,
         dicom_seg=dicom_seg,
+        dicom_sr=dicom_sr,
     )
     for index, path in enumerate(paths):
         request = pb.AnalyzeSeriesRequest(dicom=path.read_bytes(), file_id=str(path))
@@ -156,6 +158,7 @@ def series_from_response(response: pb.AnalyzeSeriesResponse, local_skips: list[S
                 notes=tuple(result.notes),
                 models=dict(result.model_versions),
                 dicom_seg=result.dicom_seg or None,
+                dicom_sr=result.dicom_sr or None,
             )
         )
     skipped = local_skips + [SkippedFile(s.file_id, s.reason) for s in response.skipped]

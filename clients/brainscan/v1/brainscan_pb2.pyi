@@ -187,14 +187,16 @@ class GetModelInfoResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., backend: _Optional[str] = ..., tumor_threshold: _Optional[float] = ..., mask_threshold: _Optional[float] = ..., detection_threshold: _Optional[float] = ..., disclaimer: _Optional[str] = ...) -> None: ...
 
 class SeriesOptions(_message.Message):
-    __slots__ = ("analysis", "group_series", "dicom_seg")
+    __slots__ = ("analysis", "group_series", "dicom_seg", "dicom_sr")
     ANALYSIS_FIELD_NUMBER: _ClassVar[int]
     GROUP_SERIES_FIELD_NUMBER: _ClassVar[int]
     DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
+    DICOM_SR_FIELD_NUMBER: _ClassVar[int]
     analysis: AnalyzeOptions
     group_series: bool
     dicom_seg: bool
-    def __init__(self, analysis: _Optional[_Union[AnalyzeOptions, _Mapping]] = ..., group_series: bool = ..., dicom_seg: bool = ...) -> None: ...
+    dicom_sr: bool
+    def __init__(self, analysis: _Optional[_Union[AnalyzeOptions, _Mapping]] = ..., group_series: bool = ..., dicom_seg: bool = ..., dicom_sr: bool = ...) -> None: ...
 
 class AnalyzeSeriesRequest(_message.Message):
     __slots__ = ("dicom", "file_id", "options")
@@ -223,7 +225,7 @@ class SeriesSlice(_message.Message):
     def __init__(self, file_id: _Optional[str] = ..., frame: _Optional[int] = ..., sop_instance_uid: _Optional[str] = ..., position_mm: _Optional[float] = ..., thickness_mm: _Optional[float] = ..., result: _Optional[_Union[AnalyzeResponse, _Mapping]] = ...) -> None: ...
 
 class SeriesResult(_message.Message):
-    __slots__ = ("series_instance_uid", "error", "label", "slices", "tumor_slices", "largest_cross_section_mm2", "volume_ml", "slice_distance_mm", "ordered_by", "notes", "model_versions", "dicom_seg")
+    __slots__ = ("series_instance_uid", "error", "label", "slices", "tumor_slices", "largest_cross_section_mm2", "volume_ml", "slice_distance_mm", "ordered_by", "notes", "model_versions", "dicom_seg", "dicom_sr")
     class ModelVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +245,7 @@ class SeriesResult(_message.Message):
     NOTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
+    DICOM_SR_FIELD_NUMBER: _ClassVar[int]
     series_instance_uid: str
     error: Error
     label: str
@@ -255,7 +258,8 @@ class SeriesResult(_message.Message):
     notes: _containers.RepeatedScalarFieldContainer[str]
     model_versions: _containers.ScalarMap[str, str]
     dicom_seg: bytes
-    def __init__(self, series_instance_uid: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., label: _Optional[str] = ..., slices: _Optional[_Iterable[_Union[SeriesSlice, _Mapping]]] = ..., tumor_slices: _Optional[_Iterable[int]] = ..., largest_cross_section_mm2: _Optional[float] = ..., volume_ml: _Optional[float] = ..., slice_distance_mm: _Optional[float] = ..., ordered_by: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., model_versions: _Optional[_Mapping[str, str]] = ..., dicom_seg: _Optional[bytes] = ...) -> None: ...
+    dicom_sr: bytes
+    def __init__(self, series_instance_uid: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., label: _Optional[str] = ..., slices: _Optional[_Iterable[_Union[SeriesSlice, _Mapping]]] = ..., tumor_slices: _Optional[_Iterable[int]] = ..., largest_cross_section_mm2: _Optional[float] = ..., volume_ml: _Optional[float] = ..., slice_distance_mm: _Optional[float] = ..., ordered_by: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., model_versions: _Optional[_Mapping[str, str]] = ..., dicom_seg: _Optional[bytes] = ..., dicom_sr: _Optional[bytes] = ...) -> None: ...
 
 class SkippedFile(_message.Message):
     __slots__ = ("file_id", "reason")
