@@ -115,6 +115,15 @@ def test_bad_series_are_refused_with_the_reason():
     spacing = mr_series(stack(2, 32), series_uid=uid) + mr_series(stack(1, 32), series_uid=uid, spacing=(0.9, 0.9))
     with pytest.raises(InvalidSeries, match="PixelSpacing"):
         ordered(spacing)
+    unordered = []
+    for data in mr_series(stack(2, 32), geometry=False):
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        del dataset.InstanceNumber
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        unordered.append(buffer.getvalue())
+    with pytest.raises(InvalidSeries, match="order is unknown"):
+        ordered(unordered)
 
 
 def test_non_images_are_skipped_with_a_reason():
