@@ -1,7 +1,13 @@
 """One server interceptor for what every RPC needs: a request id (taken from
-`x-request-id` or generated, returned in trailing metadata and stamped on every
-log line), bearer-token auth (health checks stay open), in-flight gauge,
-counts by method and status code, latency, and one access-log line.
+`x-request-id` when it is a plain token, else generated; returned in trailing
+metadata and stamped on every log line), bearer-token auth (health checks stay
+open), in-flight gauge, counts by method and status code, latency, and one
+access-log line, refused calls included.
+
+The token is checked before the request message is parsed: the wrapped handler
+receives the raw bytes and parses them itself, after the check, so a malformed
+message gets INVALID_ARGUMENT (and no traceback in the log) and an
+unauthenticated caller gets nothing parsed at all.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import asyncio
 import hmac
 import inspect
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +31,8 @@ log = logging.getLogger("brainscan.access")
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 REQUEST_ID_KEY = "x-request-id"
+# A caller's request id is used only when it is a plain token, so no header text reaches the log.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 def load_tokens(path: Path) -> tuple[bytes, ...]:
@@ -34,10 +43,14 @@ def load_tokens(path: Path) -> tuple[bytes, ...]:
 
 
 def token_accepted(presented: str | None, accepted: tuple[bytes, ...]) -> bool:
-    """Constant-time comparison against every accepted token (no early exit)."""
-    if presented is None or not presented.startswith("Bearer "):
+    """Constant-time comparison against every accepted token (no early exit); the scheme is case-insensitive
+    (RFC 7235)."""
+    if not isinstance(presented, str):
         return False
-    candidate = presented[len("Bearer ") :].strip().encode()
+    scheme, _, credentials = presented.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    candidate = credentials.strip().encode()
     matched = False
     for token in accepted:
         matched |= hmac.compare_digest(candidate, token)
@@ -58,7 +71,8 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         metadata = dict(details.invocation_metadata or ())
-        request_id = str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex)[:128]
+        offered = metadata.get(REQUEST_ID_KEY)
+        request_id = offered if isinstance(offered, str) and _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
         needs_auth = bool(self.tokens) and not details.method.startswith(OPEN_PREFIXES)
         authorized = not needs_auth or token_accepted(metadata.get("authorization"), self.tokens)
         return _wrap(handler, _CallScope(self, details.method, request_id, authorized))
@@ -74,14 +88,19 @@ class _CallScope:
         self.authorized = authorized
         self.started = 0.0
 
-    async def enter(self, context: grpc.aio.ServicerContext) -> None:
+    def enter(self, context: grpc.aio.ServicerContext) -> None:
         request_id_var.set(self.request_id)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         self.started = time.perf_counter()
         if self.metrics:
             self.metrics.in_flight.inc()
+
+    async def check(self, context: grpc.aio.ServicerContext) -> None:
+        """Inside the bookkeeping (counted, logged, gauge restored), before anything of the request is parsed."""
         if not self.authorized:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
+            )
 
     def exit(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
         code = context.code()
@@ -103,12 +122,39 @@ class _CallScope:
 
 
 def _wrap(handler: grpc.RpcMethodHandler, scope: _CallScope) -> grpc.RpcMethodHandler:
-    def unary_response(inner: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def behaviour(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+    parse = handler.request_deserializer or (lambda raw: raw)
+
+    async def parsed(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return parse(raw)
+        except Exception:  # protobuf's DecodeError, or any other deserializer's complaint
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid message for {scope.method} ({len(raw)} bytes); check the client's .proto",
+            )
+
+    async def parsed_stream(raw_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for raw in raw_iterator:
+            yield await parsed(raw, context)
+
+    def parse_input(request_streams: bool) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def single(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return await parsed(raw, context)
+
+        async def stream(raw_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+            return parsed_stream(raw_iterator, context)
+
+        return stream if request_streams else single
+
+    def unary_response(inner: Callable[..., Awaitable[Any]], request_streams: bool) -> Callable[..., Awaitable[Any]]:
+        load = parse_input(request_streams)
+
+        async def behaviour(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             error: BaseException | None = None
-            await scope.enter(context)
+            scope.enter(context)
             try:
-                return await inner(request_or_iterator, context)
+                await scope.check(context)
+                return await inner(await load(raw, context), context)
             except BaseException as exc:
                 error = exc
                 raise
@@ -117,12 +163,15 @@ def _wrap(handler: grpc.RpcMethodHandler, scope: _CallScope) -> grpc.RpcMethodHa
 
         return behaviour
 
-    def streaming_response(inner: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        async def behaviour(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    def streaming_response(inner: Callable[..., AsyncIterator[Any]], request_streams: bool) -> Callable[..., AsyncIterator[Any]]:
+        load = parse_input(request_streams)
+
+        async def behaviour(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             error: BaseException | None = None
-            await scope.enter(context)
+            scope.enter(context)
             try:
-                async for item in inner(request_or_iterator, context):
+                await scope.check(context)
+                async for item in inner(await load(raw, context), context):
                     yield item
             except BaseException as exc:
                 error = exc
@@ -132,16 +181,19 @@ def _wrap(handler: grpc.RpcMethodHandler, scope: _CallScope) -> grpc.RpcMethodHa
 
         return behaviour
 
-    def stream(inner: Callable[..., Any]) -> Callable[..., Any]:
+    def responses(inner: Callable[..., Any], request_streams: bool) -> Callable[..., Any]:
         # A streaming handler either yields (async generator) or writes with
         # context.write() and returns (coroutine, e.g. the health Watch).
-        return streaming_response(inner) if inspect.isasyncgenfunction(inner) else unary_response(inner)
+        if inspect.isasyncgenfunction(inner):
+            return streaming_response(inner, request_streams)
+        return unary_response(inner, request_streams)
 
-    codecs = (handler.request_deserializer, handler.response_serializer)
+    # The request arrives as bytes (no deserializer): it is parsed after the token check, above.
+    serializer = handler.response_serializer
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), *codecs)
+        return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary, False), None, serializer)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), *codecs)
+        return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary, True), None, serializer)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), *codecs)
-    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), *codecs)
+        return grpc.unary_stream_rpc_method_handler(responses(handler.unary_stream, False), None, serializer)
+    return grpc.stream_stream_rpc_method_handler(responses(handler.stream_stream, True), None, serializer)

@@ -21,11 +21,9 @@ Research use only; not a medical device.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
 import time
-import uuid
 
 import grpc
 import numpy as np
@@ -35,7 +33,9 @@ from tritonclient.grpc import service_pb2_grpc as kgrpc
 
 from gateway.batching import BatchStats
 from gateway.contract import DISCLAIMER
-from gateway.errors import BrainscanError, InvalidImage, Overloaded, status_code_for
+from gateway.admission import Admission
+from gateway.errors import BrainscanError, InvalidImage, status_code_for
+from gateway.observability import request_id_var
 from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
 
 log = logging.getLogger("brainscan.gateway.kserve")
@@ -60,9 +60,9 @@ def _tensors(num_classes: int) -> tuple[list[tuple[str, str, list[int]]], list[t
 
 
 class KServeService(kgrpc.GRPCInferenceServiceServicer):
-    def __init__(self, pipeline: Pipeline, *, max_in_flight: int) -> None:
+    def __init__(self, pipeline: Pipeline, *, admission: Admission) -> None:
         self.pipeline = pipeline
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self.admission = admission  # shared with the BrainScan service: one limit for the whole gateway
         self._stats = BatchStats(model=MODEL_NAME)
         self._failures = 0
         self._fail_ns = 0
@@ -152,9 +152,8 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             self._fail_ns += int((time.perf_counter() - started) * 1e9)
             await context.abort(status_code_for(error), str(error))
         except Exception:
-            request_id = uuid.uuid4().hex
-            log.exception("internal error in ModelInfer", extra={"request_id": request_id})
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+            log.exception("internal error in ModelInfer")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()})")
         self._stats.record(1, 1, time.perf_counter() - started)
         self._last_inference_ms = int(time.time() * 1000)
         return response
@@ -173,19 +172,8 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
             )
 
     async def _analyze(self, image: bytes, options: AnalysisOptions, context: grpc.aio.ServicerContext) -> Analysis:
-        timeout_s = context.time_remaining()
-        if self._slots.locked():
-            try:
-                await asyncio.wait_for(self._slots.acquire(), timeout=timeout_s if timeout_s is not None else 0.0)
-            except asyncio.TimeoutError:
-                raise Overloaded("the gateway is at its in-flight request limit; retry later") from None
-        else:
-            await self._slots.acquire()
-        try:
-            analysis = await self.pipeline.analyze(image, options, timeout_s=timeout_s)
-        finally:
-            self._slots.release()
-        return analysis
+        async with self.admission.admit_image(image, context.time_remaining()):
+            return await self.pipeline.analyze(image, options, timeout_s=context.time_remaining())
 
     def _pipeline_statistics(self) -> kpb.ModelStatistics:
         stats = _model_statistics(MODEL_NAME, MODEL_VERSION, self._stats)
@@ -195,9 +183,9 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         return stats
 
 
-def register(server: grpc.aio.Server, pipeline: Pipeline, *, max_in_flight: int) -> KServeService:
+def register(server: grpc.aio.Server, pipeline: Pipeline, *, admission: Admission) -> KServeService:
     """Add the KServe v2 service for `brainscan_pipeline` to a grpc.aio server."""
-    service = KServeService(pipeline, max_in_flight=max_in_flight)
+    service = KServeService(pipeline, admission=admission)
     kgrpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     return service
 

@@ -217,13 +217,13 @@ class Pipeline:
         return analysis
 
     def _decode(self, image: bytes | np.ndarray, *, all_frames: bool) -> list[DecodedImage]:
-        max_side = self.config.max_image_side
+        max_side, max_pixels = self.config.max_image_side, self.config.max_request_pixels
         if isinstance(image, np.ndarray):
             return [DecodedImage(pixels=to_unit_gray(image, max_side=max_side))]
         if isinstance(image, (bytes, bytearray, memoryview)):
             if all_frames:
-                return decode_frames(bytes(image), max_side=max_side)
-            return [decode_image(bytes(image), max_side=max_side)]
+                return decode_frames(bytes(image), max_side=max_side, max_pixels=max_pixels)
+            return [decode_image(bytes(image), max_side=max_side, max_pixels=max_pixels)]
         raise InvalidImage(f"unsupported image type {type(image).__name__}")
 
     async def _classify(self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch) -> dict[str, float]:

@@ -12,18 +12,28 @@ the model grid map back to the original pixels.
 
 from __future__ import annotations
 
-import io
-import struct
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from gateway.errors import InvalidImage
+from gateway.image_header import (
+    MAX_JPEG_SCANS,
+    check_pixel_limit,
+    check_png_integrity,
+    jpeg_header,
+    jpeg_is_complete,
+    jpeg_scans,
+    looks_like_dicom,
+    png_header,
+    read_header,
+)
 
 # Decoding guards; the server's configurable limits sit on top of these.
 MIN_SIDE = 16
 DEFAULT_MAX_SIDE = 8192
+DEFAULT_MAX_REQUEST_PIXELS = 1 << 25  # decoded pixels per request, all frames: 32 Mi (128 frames of 512×512)
 
 # Pixels brighter than this (on the unit scale, after a light blur) count as
 # head rather than background when looking for the brain's outline.
@@ -33,10 +43,6 @@ _NORMALIZE_PERCENTILES = (0.5, 99.5)
 
 _UNIT_SCALE = np.arange(256, dtype=np.float32) / 255.0  # uint8 value → unit scale
 _SUPPORTED_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.float32, np.float64))
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
-# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman and arithmetic): they carry the size.
-_JPEG_FRAME_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
 @dataclass(frozen=True)
@@ -79,30 +85,21 @@ class PreparedImage:
         return int(self.tensor.shape[0])
 
 
-def decode_image(data: bytes, *, max_side: int = DEFAULT_MAX_SIDE) -> DecodedImage:
-    """Decode PNG, JPEG (8/16-bit, gray/RGB) or DICOM bytes to the unit scale."""
-    if not data:
-        raise InvalidImage("image is empty (0 bytes)")
-    if data[:8] == _PNG_MAGIC or data[:3] == _JPEG_MAGIC:
-        return _decode_raster(data, max_side=max_side)
-    if _looks_like_dicom(data):
-        frames = _decode_dicom_frames(data, max_side=max_side)
-        if len(frames) > 1:
-            raise InvalidImage(
-                f"multi-frame DICOM ({len(frames)} frames): send it through AnalyzeStream, which answers once per frame"
-            )
-        return frames[0]
-    raise InvalidImage(
-        f"unrecognised image format ({len(data)} bytes, starts with {data[:8].hex()}); "
-        "send PNG, JPEG or DICOM"
-    )
+def decode_image(
+    data: bytes, *, max_side: int = DEFAULT_MAX_SIDE, max_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+) -> DecodedImage:
+    """Decode PNG, JPEG (8-bit, gray/RGB) or DICOM bytes to the unit scale.
+
+    Sizes are checked from the header before any pixel is decoded; damaged data is refused, never padded.
+    """
+    return _decode(data, max_side=max_side, max_pixels=max_pixels, all_frames=False)[0]
 
 
-def decode_frames(data: bytes, *, max_side: int = DEFAULT_MAX_SIDE) -> list[DecodedImage]:
-    """Like decode_image, but a multi-frame DICOM gives one image per frame."""
-    if _looks_like_dicom(data):
-        return _decode_dicom_frames(data, max_side=max_side)
-    return [decode_image(data, max_side=max_side)]
+def decode_frames(
+    data: bytes, *, max_side: int = DEFAULT_MAX_SIDE, max_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+) -> list[DecodedImage]:
+    """Like decode_image, but a multi-frame DICOM gives one image per frame (`max_pixels` counts them all)."""
+    return _decode(data, max_side=max_side, max_pixels=max_pixels, all_frames=True)
 
 
 def to_unit_gray(array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE, bgr: bool = False) -> np.ndarray:
@@ -114,7 +111,7 @@ def to_unit_gray(array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE, bgr: bo
         raise InvalidImage(f"expected a numpy array, got {type(array).__name__}")
     source_dtype = array.dtype
     if array.ndim in (2, 3):
-        _check_size(array.shape[:2], max_side)  # before any conversion allocates
+        check_size(array.shape[:2], max_side)  # before any conversion allocates
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
         if array.shape[2] == 1:
             array = array[:, :, 0]
@@ -225,7 +222,8 @@ def load_image_file(path: str) -> DecodedImage:
 # --- internals -------------------------------------------------------------
 
 
-def _check_size(shape: tuple[int, ...], max_side: int) -> None:
+def check_size(shape: tuple[int, ...], max_side: int) -> None:
+    """Each side between MIN_SIDE and max_side."""
     height, width = shape[:2]
     if min(height, width) < MIN_SIDE:
         raise InvalidImage(
@@ -272,116 +270,67 @@ def _rescale_to_unit(array: np.ndarray, *, source_dtype: np.dtype) -> np.ndarray
     return (values - lo) / (hi - lo)
 
 
-def _decode_raster(data: bytes, *, max_side: int) -> DecodedImage:
-    # Read the header first so a decompression bomb is refused before allocating it.
-    width, height = _raster_size(data)
-    _check_size((height, width), max_side)
-    is_png = data[:8] == _PNG_MAGIC
-    # Refuse cut-off files before decoding: libjpeg pads a cut-off scan with gray and only
-    # warns, and libpng prints its complaint to stderr, outside the gateway's log format.
-    if is_png and data.rfind(b"IEND") < 8:
-        raise InvalidImage(f"PNG data ends before its IEND chunk ({len(data)} bytes; truncated?)")
-    if not is_png and not _jpeg_is_complete(data):
-        raise InvalidImage(f"JPEG data ends before its end-of-image marker ({len(data)} bytes; truncated?)")
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-    if decoded is None:
-        raise InvalidImage(f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)")
-    source = "png" if is_png else "jpeg"
-    return DecodedImage(pixels=to_unit_gray(decoded, max_side=max_side, bgr=True), source_format=source)
-
-
-def _jpeg_is_complete(data: bytes) -> bool:
-    """An end-of-image marker follows the last start-of-scan. Inside scan data every 0xFF byte is
-    stuffed (FF 00) or a restart marker, so FF D9 after the last FF DA can only be the real end."""
-    last_scan = data.rfind(b"\xff\xda")
-    return last_scan > 0 and data.rfind(b"\xff\xd9") > last_scan
-
-
-def _raster_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the PNG IHDR chunk or the JPEG frame header, without decoding pixels.
-
-    A few byte reads (Pillow's header parse cost 0.2 ms per request).
-    """
-    if data[:8] == _PNG_MAGIC:
-        if len(data) >= 24 and data[12:16] == b"IHDR":
-            width, height = struct.unpack(">II", data[16:24])
-            return width, height
+def _decode(data: bytes, *, max_side: int, max_pixels: int, all_frames: bool) -> list[DecodedImage]:
+    if not data:
+        raise InvalidImage("image is empty (0 bytes)")
+    if looks_like_dicom(data):
+        return _decode_dicom(data, max_side=max_side, max_pixels=max_pixels, all_frames=all_frames)
+    header = read_header(data)  # PNG or JPEG (anything else is refused here)
+    check_size((header.height, header.width), max_side)
+    check_pixel_limit(header, max_pixels)
+    if header.format == "png":
+        check_png_integrity(data, png_header(data))
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if decoded is None:
+            raise InvalidImage(f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)")
     else:
-        at = 2  # after SOI; walk the marker segments up to the frame header
-        while at + 4 <= len(data) and data[at] == 0xFF:
-            marker = data[at + 1]
-            if marker == 0xFF:  # fill byte
-                at += 1
-                continue
-            if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a payload
-                at += 2
-                continue
-            if marker in _JPEG_FRAME_MARKERS:
-                if at + 9 > len(data):
-                    break
-                height, width = struct.unpack(">HH", data[at + 5 : at + 9])
-                return width, height
-            length = int.from_bytes(data[at + 2 : at + 4], "big")
-            if marker == 0xDA or length < 2:  # scan data before any frame header: malformed
-                break
-            at += 2 + length
-    raise InvalidImage(f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)")
+        decoded = decode_jpeg_samples(data, where="JPEG")
+    return [DecodedImage(pixels=to_unit_gray(decoded, max_side=max_side, bgr=True), source_format=header.format)]
 
 
-def _looks_like_dicom(data: bytes) -> bool:
-    return len(data) >= 132 and data[128:132] == b"DICM"
+def decode_jpeg_samples(data: bytes, *, where: str, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """8-bit JPEG → H×W (one component) or H×W×3 BGR uint8, refused on any libjpeg-turbo warning.
 
+    libjpeg (and so OpenCV and Pillow) pads a damaged or cut-off scan with gray and only warns, on
+    stderr; simplejpeg's strict mode turns every such warning into an error.
+    """
+    import simplejpeg
 
-def _decode_dicom_frames(data: bytes, *, max_side: int) -> list[DecodedImage]:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        dataset = pydicom.dcmread(io.BytesIO(data), force=False)
-    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
-        raise InvalidImage(f"DICOM could not be parsed: {type(exc).__name__}") from None
-    if "PixelData" not in dataset:
-        raise InvalidImage("DICOM has no pixel data (PixelData element missing)")
-    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
-    _check_size((rows, columns), max_side)
-    if int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
-        raise InvalidImage("DICOM must be grayscale (SamplesPerPixel 1)")
-    try:
-        pixels = dataset.pixel_array
-    except Exception as exc:  # pydicom raises many types for unsupported or corrupt pixel data
-        syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
-        name = getattr(syntax, "name", str(syntax))
+    header = jpeg_header(data)
+    if expected_size is not None and (header.width, header.height) != expected_size:
         raise InvalidImage(
-            f"DICOM pixel data could not be decoded (transfer syntax {name}, {type(exc).__name__}); "
-            "uncompressed and RLE Lossless are supported"
-        ) from None
-    frames = pixels if int(dataset.get("NumberOfFrames", 1) or 1) > 1 else pixels[None]
-    values = frames.astype(np.float32)
-    # Modality LUT, then VOI window, as a viewer would show the slice.
-    slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
-    values = values * slope + intercept
-    center, width = _first_value(dataset.get("WindowCenter")), _first_value(dataset.get("WindowWidth"))
-    if center is not None and width is not None and width > 0:
-        values = np.clip(values, center - width / 2.0, center + width / 2.0)
-    invert = str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
-    spacing = dataset.get("PixelSpacing")
-    pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None
-    decoded = []
-    for frame in values:
-        if invert:
-            frame = frame.max() + frame.min() - frame
-        decoded.append(
-            DecodedImage(pixels=to_unit_gray(frame, max_side=max_side), pixel_spacing_mm=pixel_spacing, source_format="dicom")
+            f"{where}: the JPEG data is {header.width}×{header.height} but the DICOM header says "
+            f"{expected_size[0]}×{expected_size[1]} (Columns × Rows)"
         )
-    return decoded
-
-
-def _first_value(value: object) -> float | None:
-    if value is None:
-        return None
+    if header.precision != 8 or header.marker in (0xC3, 0xC7, 0xCB, 0xCF):
+        raise InvalidImage(f"{where}: {header.precision}-bit or lossless JPEG is not supported; 8-bit JPEG only")
+    if header.components not in (1, 3):
+        raise InvalidImage(f"{where}: JPEG with {header.components} components is not supported (gray or RGB only)")
+    if (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+        raise InvalidImage(f"{where}: JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted")
+    if not jpeg_is_complete(data):
+        raise InvalidImage(f"{where} data ends before its end-of-image marker ({len(data)} bytes; truncated?)")
     try:
-        return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value)
-    except (TypeError, ValueError, IndexError):
-        return None
+        samples = simplejpeg.decode_jpeg(data, colorspace="GRAY" if header.components == 1 else "BGR", strict=True)
+    except ValueError as exc:  # libjpeg-turbo's own message: about the data's structure, never its content
+        raise InvalidImage(f"{where} data is damaged ({exc}); refused rather than analysed with gaps") from None
+    return samples[:, :, 0] if samples.shape[2] == 1 else samples
+
+
+def _decode_dicom(data: bytes, *, max_side: int, max_pixels: int, all_frames: bool) -> list[DecodedImage]:
+    from gateway.dicom_decode import decode_dicom, parse_dicom, pixel_spacing_mm
+
+    parsed = parse_dicom(data)
+    header = parsed.header
+    check_size((header.height, header.width), max_side)
+    if header.frames > 1 and not all_frames:
+        raise InvalidImage(
+            f"multi-frame DICOM ({header.frames} frames): send it through AnalyzeStream, which answers once per frame"
+        )
+    check_pixel_limit(header, max_pixels)
+    spacing = pixel_spacing_mm(parsed.dataset)
+    frames = decode_dicom(parsed)
+    return [
+        DecodedImage(pixels=to_unit_gray(frame, max_side=max_side), pixel_spacing_mm=spacing, source_format="dicom")
+        for frame in frames
+    ]

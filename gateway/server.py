@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from brainscan.v1 import brainscan_pb2, brainscan_pb2_grpc
 from gateway import kserve
+from gateway.admission import Admission
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig
 from gateway.interceptors import GatewayInterceptor, load_tokens
@@ -124,10 +125,11 @@ def build_server(config: GatewayConfig) -> Gateway:
     server = grpc.aio.server(
         options=grpc_options(config), interceptors=[GatewayInterceptor(metrics=metrics, tokens=tokens)]
     )
+    admission = Admission.from_config(config)  # one limit for both APIs
     brainscan_pb2_grpc.add_BrainScanServicer_to_server(
-        BrainScanService(pipeline, max_in_flight=config.max_in_flight, metrics=metrics), server
+        BrainScanService(pipeline, admission=admission, metrics=metrics), server
     )
-    kserve.register(server, pipeline, max_in_flight=config.max_in_flight)  # KServe v2 for perf_analyzer
+    kserve.register(server, pipeline, admission=admission)  # KServe v2 for perf_analyzer
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,10 +12,12 @@ import numpy as np
 
 from brainscan.v1 import brainscan_pb2 as pb
 from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+from gateway.admission import Admission
 from gateway.observability import Metrics, request_id_var
-from gateway.errors import BrainscanError, InvalidImage, Overloaded, status_code_for
+from gateway.errors import BrainscanError, InvalidImage, status_code_for
 from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
 from gateway.postprocessing import MaskRegion
+from gateway.preprocessing import DEFAULT_MAX_SIDE, check_size
 from gateway.contract import DISCLAIMER
 from gateway.series import Skipped
 from gateway.series_analysis import SeriesAnalyzer, SeriesOutcome
@@ -26,11 +28,10 @@ _RAW_DTYPES = {"uint8", "uint16", "int16", "float32", "float64"}
 
 
 class BrainScanService(pb_grpc.BrainScanServicer):
-    def __init__(self, pipeline: Pipeline, *, max_in_flight: int, metrics: Metrics | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, *, admission: Admission, metrics: Metrics | None = None) -> None:
         self.pipeline = pipeline
         self.metrics = metrics
-        self._max_in_flight = max_in_flight
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self.admission = admission  # shared with the KServe front: one limit for the whole gateway
 
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
         try:
@@ -47,16 +48,17 @@ class BrainScanService(pb_grpc.BrainScanServicer):
     ) -> AsyncIterator[pb.AnalyzeResponse]:
         async for request in request_iterator:
             try:
-                image, options = image_from_request(request), options_from_request(request)
-                frames = await self.pipeline.decode(image, all_frames=True)
-                for index, decoded in enumerate(frames):
-                    async with self._slot(context.time_remaining()):
+                image, options = self._image(request), options_from_request(request)
+                # Admitted for all its frames before any is decoded; the decoded frames live until the last is done.
+                async with self.admission.admit_image(image, context.time_remaining()):
+                    frames = await self.pipeline.decode(image, all_frames=True)
+                    for index, decoded in enumerate(frames):
                         analysis = await self.pipeline.analyze_decoded(
                             decoded, options, timeout_s=context.time_remaining()
                         )
-                    response = self._respond(analysis, request.image_id)
-                    response.frame = index
-                    yield response
+                        response = self._respond(analysis, request.image_id)
+                        response.frame = index
+                        yield response
             except BrainscanError as error:
                 yield pb.AnalyzeResponse(
                     image_id=request.image_id,
@@ -74,6 +76,8 @@ class BrainScanService(pb_grpc.BrainScanServicer):
     ) -> pb.AnalyzeSeriesResponse:
         try:
             return await self._analyze_series(request_iterator, context)
+        except grpc.aio.AbortError:  # the interceptor refused a malformed message in the stream
+            raise
         except BrainscanError as error:
             await context.abort(status_code_for(error), str(error))
         except Exception:
@@ -105,8 +109,8 @@ class BrainScanService(pb_grpc.BrainScanServicer):
         )
 
     async def _analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
-        image, options = image_from_request(request), options_from_request(request)
-        async with self._slot(context.time_remaining()):
+        image, options = self._image(request), options_from_request(request)
+        async with self.admission.admit_image(image, context.time_remaining()):
             analysis = await self.pipeline.analyze(image, options, timeout_s=context.time_remaining())
         return self._respond(analysis, request.image_id)
 
@@ -142,28 +146,12 @@ class BrainScanService(pb_grpc.BrainScanServicer):
             self.metrics.observe_stages(analysis.timings_ms)
         return response_from_analysis(analysis, image_id, self.pipeline.model_versions)
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, timeout_s: float | None) -> AsyncIterator[None]:
-        """An in-flight slot, waited for up to the caller's deadline: never an unbounded queue.
+    def _image(self, request: pb.AnalyzeRequest) -> bytes | np.ndarray:
+        return image_from_request(request, max_side=self.pipeline.config.max_image_side)
 
-        The wait stops a little before the deadline so the caller learns why
-        (RESOURCE_EXHAUSTED) instead of seeing a bare DEADLINE_EXCEEDED; a call
-        without a deadline is refused at once when every slot is taken.
-        """
-        if self._slots.locked():
-            wait_s = 0.0 if timeout_s is None else max(0.0, timeout_s - min(0.25, 0.2 * timeout_s))
-            try:
-                await asyncio.wait_for(self._slots.acquire(), timeout=wait_s)
-            except asyncio.TimeoutError:
-                raise Overloaded(
-                    f"the gateway is at its limit of {self._max_in_flight} requests in flight; retry later"
-                ) from None
-        else:
-            await self._slots.acquire()
-        try:
-            yield
-        finally:
-            self._slots.release()
+    def _slot(self, timeout_s: float | None) -> contextlib.AbstractAsyncContextManager[None]:
+        """An in-flight slot of the shared admission limit (AnalyzeSeries takes one per slice)."""
+        return self.admission.admit(0, timeout_s)
 
 
 def options_from_request(request: pb.AnalyzeRequest) -> AnalysisOptions:
@@ -174,23 +162,24 @@ def options_from_analyze_options(options: pb.AnalyzeOptions) -> AnalysisOptions:
     return AnalysisOptions(segment=not options.skip_segmentation, detect=not options.skip_detection, gate=not options.ungated)
 
 
-def image_from_request(request: pb.AnalyzeRequest) -> bytes | np.ndarray:
+def image_from_request(request: pb.AnalyzeRequest, *, max_side: int = DEFAULT_MAX_SIDE) -> bytes | np.ndarray:
     kind = request.WhichOneof("image")
     if kind == "encoded":
         return request.encoded  # decode_image refuses empty bytes
     if kind == "raw":
-        return array_from_raw(request.raw)
+        return array_from_raw(request.raw, max_side=max_side)
     raise InvalidImage("request carries no image: set `encoded` (PNG/JPEG/DICOM bytes) or `raw` (pixels)")
 
 
-def array_from_raw(raw: pb.RawPixels) -> np.ndarray:
+def array_from_raw(raw: pb.RawPixels, *, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
     if raw.dtype not in _RAW_DTYPES:
         raise InvalidImage(f"raw dtype {raw.dtype!r} is not supported; use one of {sorted(_RAW_DTYPES)}")
     shape = tuple(int(s) for s in raw.shape)
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
         raise InvalidImage(f"raw shape {list(shape)} must be [H, W] or [H, W, C] with C in 1, 3, 4")
+    check_size(shape[:2], max_side)  # before the byte count, which a huge shape would overflow in numpy
     dtype = np.dtype(raw.dtype).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if expected != len(raw.data):
         raise InvalidImage(
             f"raw data is {len(raw.data)} bytes but shape {list(shape)} of {raw.dtype} needs {expected}"

@@ -151,7 +151,7 @@ def test_header_sizes_agree_with_pillow_on_real_files():
 
     from PIL import Image
 
-    from gateway.preprocessing import _raster_size
+    from gateway.image_header import read_header
     from tests.conftest import DATA_ROOT as DATA
 
     files = sorted((DATA / "sartaj-classification" / "Testing").rglob("*.jpg"))[::20] if DATA.is_dir() else []
@@ -159,5 +159,6 @@ def test_header_sizes_agree_with_pillow_on_real_files():
     for path in files:
         data = png_bytes(synthetic_slice(70)) if path is None else Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as image:
-            assert _raster_size(data) == image.size
+            header = read_header(data)
+            assert (header.width, header.height) == image.size
 
