@@ -87,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="show the models a gateway serves")
     add_connection_flags(info)
 
+    web = commands.add_parser(
+        "web", help="a web page for analyzing slices against a running gateway",
+        description=f"Serve a local web page that sends dropped slices to a gateway. {DISCLAIMER}",
+    )
+    web.add_argument("--host", default="127.0.0.1", help="address the page binds (default 127.0.0.1; the page has no login)")
+    web.add_argument("--port", type=int, default=8080, help="port the page binds (default 8080; 0 picks a free one)")
+    web.add_argument(
+        "--max-upload-mb", type=float,
+        help="largest file the page accepts (default: the gateway's BRAINSCAN_MAX_REQUEST_MB, else 32)",
+    )
+    web.add_argument("--timeout", type=float, default=30.0, help="per-slice deadline in seconds (default 30)")
+    add_connection_flags(web)
+
     for name, help_text in (
         ("train", "train a model: classifier, unet or maskrcnn"),
         ("evaluate", "evaluate a model's ONNX file (classifier, unet, maskrcnn) or a running gateway (service)"),
@@ -146,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         return _analyze(args)
     if args.command == "info":
         return _info(args)
+    if args.command == "web":
+        return _web(args)
     build_parser().print_help()
     return 2
 
@@ -309,6 +324,29 @@ def _info(args: argparse.Namespace) -> int:
         labels = f"  labels: {', '.join(model.labels)}" if model.labels else ""
         print(f"  {model.role:<10} {model.name} v{model.version}  input {model.input_size}px{labels}")
     print(info.disclaimer)
+    return 0
+
+
+def _web(args: argparse.Namespace) -> int:
+    import os
+
+    from brainscan_web.app import create_app
+    from brainscan_web.server import bind, run
+    from gateway.config import GatewayConfig
+
+    # The gateway refuses requests over BRAINSCAN_MAX_REQUEST_MB; the page stops bigger files before sending them.
+    max_mb = args.max_upload_mb or float(os.environ.get("BRAINSCAN_MAX_REQUEST_MB", GatewayConfig.max_request_mb))
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as error:
+        print(f"brainscan web: cannot bind {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
+    host, port = sock.getsockname()[:2]
+    with connect(args, timeout_s=args.timeout) as client:
+        app = create_app(client, server=args.server, max_upload_bytes=int(max_mb * 1024 * 1024), timeout_s=args.timeout)
+        print(DISCLAIMER, file=sys.stderr)
+        print(f"brainscan web: page on http://{host}:{port}/ (gateway {args.server})", file=sys.stderr, flush=True)
+        run(app, sock)
     return 0
 
 
