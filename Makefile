@@ -15,8 +15,9 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(VENV)/bin/pip install --no-deps --no-build-isolation -e .
 	touch $@
 
-# perf_analyzer (shipped in the tritonclient wheel) links libb64; dicom3tools' dciodvfy checks the DICOM SEG in tests.
-SYSTEM_PACKAGES := libb64-0d dicom3tools
+# perf_analyzer (shipped in the tritonclient wheel) links libb64; dicom3tools' dciodvfy checks the DICOM SEG in tests;
+# tests/test_web.py drives the page in Debian's chromium.
+SYSTEM_PACKAGES := libb64-0d dicom3tools chromium
 system-deps:
 	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES); \
