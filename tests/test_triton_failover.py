@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import urllib.request
@@ -153,6 +154,48 @@ def test_one_gateway_rides_out_a_triton_crash(two_tritons: tuple[LocalTriton, Lo
             client.analyze(image, gate=False)
     finally:
         stop_gateway(gateway)
+
+
+def test_calls_in_flight_on_a_dying_server_are_retried_on_the_other(
+    two_tritons: tuple[LocalTriton, LocalTriton], tiny_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = two_tritons
+    caplog.set_level(logging.DEBUG, logger="gateway.backends.triton")
+
+    async def check() -> tuple[int, int, int]:
+        backend = TritonBackend(f"{first.grpc_url},{second.grpc_url}", tiny_repository)
+        await backend.start()
+        spec = backend.specs["maskrcnn"]  # the slowest model: calls stay in flight longest
+        inputs = {t.name: np.random.default_rng(0).random(
+            ([1] if spec.max_batch_size else []) + [spec.input_size if d < 0 else d for d in t.dims], dtype=np.float32
+        ) for t in spec.inputs}
+        outcomes: Counter[str] = Counter()
+        stop = asyncio.Event()
+
+        async def caller() -> None:
+            while not stop.is_set():
+                try:
+                    await backend.infer("maskrcnn", inputs, timeout_s=CALL_TIMEOUT_S)
+                    outcomes["ok"] += 1
+                except Exception as error:
+                    outcomes[repr(error)] += 1
+
+        callers = [asyncio.create_task(caller()) for _ in range(2 * CLIENTS)]
+        try:
+            await asyncio.sleep(1.0)
+            in_flight = backend.endpoints[first.grpc_url].in_flight
+            first.kill()  # blocks the loop: the calls in flight on it see the connection drop
+            await asyncio.sleep(1.5)
+        finally:
+            stop.set()
+            await asyncio.gather(*callers)
+            await backend.close()
+        assert set(outcomes) == {"ok"}, outcomes
+        return in_flight, outcomes["ok"], sum("retrying" in r.getMessage() for r in caplog.records)
+
+    in_flight, answered, retried = asyncio.run(check())
+    print(f"\nin flight on the killed server: {in_flight}; calls retried on the other: {retried}; all {answered} answered")
+    assert in_flight > 0, "no call was in flight on the server when it was killed"
 
 
 def test_a_dns_target_stands_for_every_address_it_resolves_to(running_triton: LocalTriton, tiny_repository: Path) -> None:

@@ -171,6 +171,7 @@ class TritonBackend:
                 if _status(exc) != "UNAVAILABLE" or attempt >= self.max_retries:
                     raise self._error(exc, spec, tried, timeout_s) from None
                 self._take_out(endpoint, exc.message())
+                log.debug("model %r: Triton %s answered UNAVAILABLE (%s); retrying", spec.name, endpoint.url, exc.message())
                 # another ready endpoint: go now; none: give the servers a moment
                 delay = 0.0 if self._ready_besides(tried) else min(self.backoff_s * 2**attempt, self.max_backoff_s)
                 if deadline is not None and loop.time() + delay >= deadline:
