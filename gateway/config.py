@@ -47,6 +47,8 @@ class GatewayConfig:
     tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed (mTLS)
     auth_token_file: Path | None = None  # one accepted bearer token per line
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None = off
+    # plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (kubelet); None = off
+    health_port: int | None = None
     log_format: str = "json"  # json | text
 
     @property

@@ -29,6 +29,9 @@ from gateway.service import BrainScanService
 log = logging.getLogger("brainscan.gateway")
 
 SERVICE_NAME = brainscan_pb2.DESCRIPTOR.services_by_name["BrainScan"].full_name
+# SERVING from start until shutdown whatever the backend does: a liveness probe asks for it, so a
+# model-server outage takes gateways out of rotation (readiness) without restarting them
+LIVENESS_SERVICE = "brainscan.liveness"
 HEALTH_POLL_S = 2.0
 
 
@@ -65,6 +68,8 @@ class Gateway:
     executor: ThreadPoolExecutor
     metrics: Metrics
     metrics_port: int | None = None
+    health_server: grpc.aio.Server | None = None  # plaintext, health only (config.health_port)
+    health_port: int | None = None
     _health_task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -75,6 +80,9 @@ class Gateway:
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_health(await self.backend.is_ready())
         self._health_task = asyncio.create_task(self._watch_backend())
         log.info("gateway listening on %s:%d (backend %s)", self.config.host, self.port, self.backend.kind)
@@ -85,6 +93,8 @@ class Gateway:
         if self._health_task is not None:
             self._health_task.cancel()
         await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.backend.close()
         self.metrics.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -144,9 +154,16 @@ def build_server(config: GatewayConfig) -> Gateway:
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address} (address in use?)")
+    health_server, health_port = None, None
+    if config.health_port is not None:
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(f"{config.host}:{config.health_port}")
+        if health_port == 0:
+            raise OSError(f"could not bind the health port {config.host}:{config.health_port} (address in use?)")
     return Gateway(
         server=server, port=port, backend=backend, health=health_servicer, config=config, executor=executor,
-        metrics=metrics,
+        metrics=metrics, health_server=health_server, health_port=health_port,
     )
 
 
@@ -157,6 +174,7 @@ async def serve(config: GatewayConfig, *, ready_message: bool = True) -> None:
     if ready_message:
         scheme = "TLS" if config.tls_cert else "plaintext"
         metrics = f", metrics on :{gateway.metrics_port}/metrics" if gateway.metrics_port else ""
+        metrics += f", plaintext health on :{gateway.health_port}" if gateway.health_port else ""
         print(
             f"brainscan gateway serving on {config.host}:{gateway.port} (backend: {config.backend}, {scheme}{metrics})",
             flush=True,

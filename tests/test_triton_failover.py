@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2
 from brainscan import Client, ServerUnavailable
 from gateway.backends.triton import TritonBackend
 from gateway.config import load_config, triton_targets
+from gateway.server import LIVENESS_SERVICE
 from gateway.triton_local import LocalTriton
 from tests.conftest import health_status, png_bytes, start_gateway, stop_gateway, synthetic_slice
 
@@ -110,8 +111,10 @@ def two_tritons(tiny_repository: Path) -> Iterator[tuple[LocalTriton, LocalTrito
 def test_one_gateway_rides_out_a_triton_crash(two_tritons: tuple[LocalTriton, LocalTriton], tiny_repository: Path, tmp_path: Path) -> None:
     first, second = two_tritons
     gateway = start_gateway(
-        tiny_repository, tmp_path, backend="triton", extra=["--triton-url", f"{first.grpc_url},{second.grpc_url}"]
+        tiny_repository, tmp_path, backend="triton", extra=["--triton-url", f"{first.grpc_url},{second.grpc_url}", "--health-port", "0"],
     )
+    health_port = gateway.log().split("plaintext health on :")[1].split()[0].rstrip(")")
+    probes = f"127.0.0.1:{health_port}"  # what kubelet probes: health alone, plaintext
     image = png_bytes(synthetic_slice(160, seed=3))
     try:
         with Load(gateway.address, image) as load:
@@ -146,10 +149,13 @@ def test_one_gateway_rides_out_a_triton_crash(two_tritons: tuple[LocalTriton, Lo
         log = gateway.log()
         assert "out of rotation" in log and "in rotation" in log, log[-3000:]
 
-        # with no Triton left, health turns NOT_SERVING and calls fail UNAVAILABLE
+        # with no Triton left, health (readiness) turns NOT_SERVING and calls fail UNAVAILABLE;
+        # liveness stays SERVING, so an orchestrator takes the gateway out of rotation without restarting it
+        assert health_status(probes) == SERVING and health_status(probes, LIVENESS_SERVICE) == SERVING
         first.kill()
         second.kill()
         wait_for(lambda: health_status(gateway.address) != SERVING, 10, "NOT_SERVING once no Triton is ready")
+        assert health_status(probes) != SERVING and health_status(probes, LIVENESS_SERVICE) == SERVING
         with Client(gateway.address, timeout_s=CALL_TIMEOUT_S) as client, pytest.raises(ServerUnavailable):
             client.analyze(image, gate=False)
     finally:

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind (default 50051, env BRAINSCAN_PORT)")
     serve.add_argument("--backend", choices=("embedded", "triton"), help="model runtime (default embedded)")
     serve.add_argument("--model-repository", type=Path, help="Triton model repository (default ./model_repository)")
-    serve.add_argument("--triton-url", help="Triton gRPC address for --backend triton (default 127.0.0.1:8001)")
+    serve.add_argument("--triton-url", help="Triton gRPC address(es) for --backend triton: host:port, comma-separated, "
+                       "or dns:///name:port for every address a name resolves to (default 127.0.0.1:8001)")
     serve.add_argument("--tumor-threshold", type=float, help="p(tumor) at which U-Net/Mask R-CNN run (default 0.5)")
     serve.add_argument("--max-in-flight", type=int, help="concurrent requests before RESOURCE_EXHAUSTED (default 64)")
     serve.add_argument("--batch-max-size", type=int, help="embedded backend: rows per batched model call (default 8)")
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mutual TLS)")
     serve.add_argument("--auth-token-file", type=Path, help="accepted bearer tokens, one per line (health stays open)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default off)")
+    serve.add_argument("--health-port", type=int,
+                       help="also serve gRPC health, plaintext and alone, on this port (for kubelet probes; default off)")
     serve.add_argument("--log-format", choices=("json", "text"), help="log line format (default json)")
     serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
@@ -197,6 +200,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "tls_client_ca": args.tls_client_ca,
                 "auth_token_file": args.auth_token_file,
                 "metrics_port": args.metrics_port,
+                "health_port": args.health_port,
                 "log_format": args.log_format,
             }
         )
