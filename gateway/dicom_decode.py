@@ -119,10 +119,11 @@ def decode_dicom(parsed: ParsedDicom) -> np.ndarray:
     intercept = _single_decimal(dataset, "RescaleIntercept", default=0.0)
     if slope <= 0.0:
         raise InvalidImage("DICOM RescaleSlope must be a positive number")
-    if slope != 1.0:
-        values *= np.float32(slope)
-    if intercept != 0.0:
-        values += np.float32(intercept)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked just below
+        if slope != 1.0:
+            values *= np.float32(slope)
+        if intercept != 0.0:
+            values += np.float32(intercept)
     if not np.isfinite(values).all():
         raise InvalidImage("DICOM RescaleSlope/RescaleIntercept take the pixel values out of floating-point range")
     center, width = _window(dataset)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -43,7 +46,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    handler = logging.StreamHandler()
+    """One handler on the root logger; with `json`, every line on stderr is one JSON object, including what
+    C libraries (libpng, OpenCV, ...) print and Python warnings."""
+    if fmt == "json":
+        _relay_native_stderr()
+    handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -52,6 +59,38 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
+
+
+_NATIVE_LINE_CHARS = 300
+_relaying = False
+
+
+def _relay_native_stderr() -> None:
+    """Point file descriptor 2 at a pipe whose lines become log records; Python keeps the real stderr.
+
+    C code writes its warnings straight to descriptor 2, around the logging module: without this they
+    reach the log as bare text lines among the JSON ones.
+    """
+    global _relaying
+    if _relaying:
+        return
+    real_stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = real_stderr
+    _relaying = True
+    threading.Thread(target=_relay_lines, args=(read_end,), name="native-stderr", daemon=True).start()
+
+
+def _relay_lines(read_end: int) -> None:
+    log = logging.getLogger("brainscan.native")
+    with os.fdopen(read_end, "rb") as pipe:
+        for raw in pipe:
+            text = raw.decode("utf-8", errors="replace").strip()
+            if text:
+                log.warning("C library output", extra={"text": text[:_NATIVE_LINE_CHARS]})
 
 
 @dataclass
