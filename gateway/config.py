@@ -47,6 +47,9 @@ class GatewayConfig:
     tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed (mTLS)
     auth_token_file: Path | None = None  # one accepted bearer token per line
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None = off
+    # clients' connections are closed after this long (calls in flight get grace_period_s): they reconnect
+    # and re-resolve, so gateways added by scaling get calls from long-lived clients too; None = never
+    max_connection_age_s: float | None = None
     # plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (kubelet); None = off
     health_port: int | None = None
     log_format: str = "json"  # json | text
@@ -101,7 +104,10 @@ def triton_targets(spec: str) -> tuple[str, ...]:
 
 
 def _coerce(type_name: object, raw: str, variable: str) -> object:
-    converters = {"int": int, "float": float, "str": str, "Path": Path, "Path | None": Path, "int | None": int}
+    converters = {
+        "int": int, "float": float, "str": str, "Path": Path, "Path | None": Path, "int | None": int,
+        "float | None": float,
+    }
     converter = converters.get(str(type_name), str)
     try:
         return converter(raw)

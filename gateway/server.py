@@ -52,10 +52,16 @@ def make_backend(config: GatewayConfig, executor: ThreadPoolExecutor) -> Backend
 
 
 def grpc_options(config: GatewayConfig) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_send_message_length", config.max_request_bytes),
     ]
+    if config.max_connection_age_s is not None:
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_period_s * 1000)),
+        ]
+    return options
 
 
 @dataclass

@@ -4,6 +4,9 @@
         result = client.analyze("slice.png")
         print(result.label, result.tumor_probability)
 
+    # several gateways: every address of a DNS name, calls spread round robin
+    with Client("dns:///gateway.brainscan.svc.cluster.local:50051") as client: ...
+
 Research use only. Not a medical device.
 """
 
@@ -27,6 +30,9 @@ from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# targets that name several gateways: dns:///name:port (e.g. a Kubernetes headless Service) or a fixed
+# list ipv4:host1:port,host2:port; the channel spreads calls over them round robin
+BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,9 @@ def _open_channel(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    if target.startswith(BALANCED_SCHEMES):
+        # every address the name resolves to, calls in turn (gRPC's default, pick_first, pins one)
+        options.append(("grpc.lb_policy_name", "round_robin"))
     credentials = _credentials(tls_ca, tls_cert, tls_key)
     if credentials is None:
         return module.insecure_channel(target, options=options)
