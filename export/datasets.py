@@ -220,6 +220,11 @@ class MaskedSlice:
             raise ValueError(f"{self.mask_path} is {mask.shape[1]}x{mask.shape[0]}, its image {width}x{height}")
         return mask
 
+    def instance_masks(self, height: int, width: int) -> list[np.ndarray]:
+        """One instance per connected component of the mask (8-connectivity)."""
+        count, labels = cv2.connectedComponents(self.union_mask(height, width).astype(np.uint8), connectivity=8)
+        return [labels == i for i in range(1, count)]
+
 
 @dataclass(frozen=True)
 class BoxedSlice:
@@ -234,6 +239,10 @@ class BoxedSlice:
         x0, y0, x1, y1 = self.box
         canvas[max(0, int(np.floor(y0))):min(height, int(np.ceil(y1))), max(0, int(np.floor(x0))):min(width, int(np.ceil(x1)))] = True
         return canvas
+
+    def instance_masks(self, height: int, width: int) -> list[np.ndarray]:
+        """The filled box as the one 'instance': detectors read only its extent (a box target), never its pixels."""
+        return [self.union_mask(height, width)]
 
 
 def load_lgg_split(data_root: Path, split: str) -> list[MaskedSlice]:

@@ -176,7 +176,7 @@ def write_tiny(repository: Path, model: str) -> None:
     if model == "classifier":
         keras_model = build_classifier(64, pretrained=False)
     elif model == "unet":
-        keras_model = build_unet(64, base=4, levels=2)
+        keras_model = build_unet(64, pretrained=False)
     else:
         raise ValueError(f"unknown model {model!r}; expected classifier or unet")
     data_root = default_data_root()

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from export.audit import cache_dir
 from export.datasets import AnnotatedSlice
+from export.prepared import TargetSlice
 from gateway.preprocessing import crop_and_resize, load_image_file, prepare
 
 CACHE_VERSION = 1
@@ -58,7 +59,7 @@ class InstanceSet:
         )
 
 
-def prepare_instances(item: AnnotatedSlice, size: int) -> tuple[np.ndarray, np.ndarray]:
+def prepare_instances(item: TargetSlice, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(image S×S float32, instance masks K×S×S uint8) in the served grid; empty instances dropped."""
     gray = load_image_file(str(item.path)).pixels
     prepared = prepare(gray, size)
@@ -71,7 +72,7 @@ def prepare_instances(item: AnnotatedSlice, size: int) -> tuple[np.ndarray, np.n
     return prepared.tensor.astype(np.float32), masks
 
 
-def load_instances(slices: Sequence[AnnotatedSlice], size: int, *, desc: str = "prepare") -> InstanceSet:
+def load_instances(slices: Sequence[TargetSlice], size: int, *, desc: str = "prepare") -> InstanceSet:
     """Prepared slices, memoized on disk (outside the repo) by paths, sizes, mtimes and regions."""
     cache = _cache_file(slices, size)
     paths = [s.path for s in slices]
@@ -104,15 +105,20 @@ def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
-def to_target(masks: np.ndarray) -> dict[str, torch.Tensor]:
-    """torchvision detection target from an instance stack (works for zero instances)."""
+def to_target(masks: np.ndarray, *, box_only: bool = False) -> dict[str, torch.Tensor]:
+    """torchvision detection target from an instance stack (works for zero instances).
+
+    `box_only`: the stack holds filled boxes; the target keeps their extent and no masks.
+    """
     if len(masks):  # augmentation can push an instance (almost) out of the frame
         masks = masks[masks.reshape(len(masks), -1).sum(axis=1) >= MIN_INSTANCE_PIXELS]
-    return {
+    target = {
         "boxes": torch.from_numpy(boxes_from_masks(masks)).reshape(-1, 4),
         "labels": torch.ones(len(masks), dtype=torch.int64),
-        "masks": torch.from_numpy(np.array(masks, dtype=np.uint8, order="C")),  # copy: flips leave negative strides
     }
+    if not box_only:
+        target["masks"] = torch.from_numpy(np.array(masks, dtype=np.uint8, order="C"))  # copy: flips leave negative strides
+    return target
 
 
 @dataclass(frozen=True)
@@ -159,8 +165,9 @@ class DetectionDataset(torch.utils.data.Dataset):
     """(image [1, S, S], target) pairs, optionally augmented with a per-item RNG."""
 
     def __init__(self, data: InstanceSet, augment: Augment | None = None, seed: int = 0,
-                 order: Sequence[int] | None = None) -> None:
+                 order: Sequence[int] | None = None, box_only: Sequence[bool] | None = None) -> None:
         self.data, self.augment, self.seed, self.epoch = data, augment, seed, 0
+        self.box_only = [False] * len(data) if box_only is None else list(box_only)
         # Item k is slice order[k]; a slice listed twice gets two different augmentations.
         self.order = list(range(len(data))) if order is None else list(order)
 
@@ -173,7 +180,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             rng = np.random.default_rng((self.seed, self.epoch, index))
             image, masks = self.augment(image, masks, rng)
-        return torch.from_numpy(np.ascontiguousarray(image))[None], to_target(masks)
+        return torch.from_numpy(np.ascontiguousarray(image))[None], to_target(masks, box_only=self.box_only[item])
 
 
 def collate(batch: list) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -181,11 +188,12 @@ def collate(batch: list) -> tuple[list[torch.Tensor], list[dict[str, torch.Tenso
     return list(images), list(targets)
 
 
-def _cache_file(slices: Sequence[AnnotatedSlice], size: int) -> Path:
+def _cache_file(slices: Sequence[TargetSlice], size: int) -> Path:
     digest = hashlib.sha1(f"v{CACHE_VERSION}|{size}".encode())
     for item in slices:
         stat = item.path.stat()
-        digest.update(f"{item.path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{item.regions!r}\n".encode())
+        target = item.regions if isinstance(item, AnnotatedSlice) else item
+        digest.update(f"{item.path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{target!r}\n".encode())
     folder = cache_dir() / "maskrcnn"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"instances-{size}-{digest.hexdigest()[:16]}.npz"

