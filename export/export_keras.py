@@ -148,6 +148,48 @@ def export_model(keras_model, repository: Path, model: str, *, data_root: Path |
     return ExportResult(onnx_path=path, onnx_bytes=onnx_bytes, parity_max_abs_diff=diff, parity_images=len(inputs), size=size)
 
 
+def calibrate_classifier(keras_model, run_args: dict, data_root: Path) -> tuple[float, dict[str, object]]:
+    """Fit the temperature on the run's validation split; ECE per source before and after."""
+    from export import train_classifier as tc
+    from export.calibration import calibration_errors, fit_temperature, softmax_with_temperature
+
+    args = tc.get_args_parser().parse_args([])
+    for key in ("seed", "val_fraction", "lgg_val_patients", "size"):
+        if key in run_args:
+            setattr(args, key, run_args[key])
+    args.data, args.limit = data_root, 0
+    items = tc.training_items(args)
+    images = tc.item_images(items, args.size, args.seed)[items.val]
+    groups = items.groups[items.val]
+    sources = np.array([items.sources[i] for i in items.val])
+    probabilities = keras_model.predict(images, batch_size=64, verbose=0)[OUTPUT_NAMES["classifier"]]
+    judged = groups != tc.OUT_OF_SCOPE
+    temperature = fit_temperature(probabilities[judged], tc.allowed_labels(groups[judged]))
+    calibrated = softmax_with_temperature(probabilities, temperature)
+    truth = np.where(groups < tc.WEAK, groups, -1)
+    no_tumor = CLASS_LABELS.index("no_tumor")
+    per_source = {}
+    for source in sorted(set(sources[judged].tolist())):
+        rows = judged & (sources == source)
+        per_source[source] = {
+            "n": int(rows.sum()),
+            "before": calibration_errors(probabilities[rows], truth[rows], no_tumor),
+            "after": calibration_errors(calibrated[rows], truth[rows], no_tumor),
+        }
+    report = {"temperature": round(temperature, 4), "fitted_on": f"{int(judged.sum())} validation slices of the training sources",
+              "per_source": per_source}
+    return temperature, report
+
+
+def with_temperature(keras_model, temperature: float):
+    """The same classifier with `temperature` folded in (weights copied; the layer has none)."""
+    from export.keras_models import build_classifier
+
+    calibrated = build_classifier(int(keras_model.input_shape[1]), pretrained=False, temperature=temperature)
+    calibrated.set_weights(keras_model.get_weights())
+    return calibrated
+
+
 def write_savedmodel(keras_model, model: str, folder: Path) -> None:
     """TF SavedModel with a `serving_default` signature using the same tensor names as the ONNX graph."""
     import keras
@@ -360,6 +402,12 @@ def main(args: argparse.Namespace) -> int:
     data_root = Path(args.data) if Path(args.data).is_dir() else None
     started = time.time()
     keras_model = keras.models.load_model(checkpoint, compile=False)
+    record = training_record(checkpoint.parent)
+    calibration: dict[str, object] | None = None
+    if args.model == "classifier" and data_root is not None:
+        temperature, calibration = calibrate_classifier(keras_model, record.get("args", {}) or {}, data_root)
+        keras_model = with_temperature(keras_model, temperature)
+        print(f"temperature {temperature:.3f} fitted on validation: {json.dumps(calibration['per_source'])}")
     try:
         result = export_model(keras_model, args.repository, args.model, data_root=data_root, savedmodel=args.savedmodel)
     except ExportError as exc:
@@ -372,7 +420,8 @@ def main(args: argparse.Namespace) -> int:
         from export.evaluate_keras import evaluate
 
         metrics = evaluate(args.model, data_root=data_root, repository=args.repository, threads=args.threads)
-    record = training_record(checkpoint.parent)
+    if calibration is not None:
+        metrics["calibration_validation"] = calibration
     record_summary = f"Brain-MRI {'4-class tumor classifier' if args.model == 'classifier' else 'binary tumor-mask U-Net'} " \
                      f"exported from `{checkpoint.relative_to(REPO_ROOT) if checkpoint.is_relative_to(REPO_ROOT) else checkpoint}`."
     card = write_model_card(args.repository, args.model, summary=record_summary,
