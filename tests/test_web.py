@@ -28,15 +28,11 @@ from PIL import Image
 
 from brainscan import DISCLAIMER, Client
 from brainscan.overlay import render_overlay
+from brainscan_web.screenshot import CHROMIUM, launch
 from gateway.preprocessing import decode_frames
 from tests.conftest import PROJECT_ROOT, GatewayProcess, start_gateway, stop_gateway, synthetic_slice
 from tests.dicom_factory import dicom_bytes
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
 TOKEN = "web-page-test-token"
 MAX_REQUEST_MB = "1"  # gateway and page share it; a 1.5 MB file is then too big
 SCREENSHOT_DIR = PROJECT_ROOT / "runs" / "web"
@@ -125,10 +121,9 @@ def browser_context(tmp_path_factory: pytest.TempPathFactory):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM),
-            headless=True, args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900}, accept_downloads=True,
-            bypass_csp=True,  # Playwright's own waits evaluate strings; the page fixture checks the header itself
+        context = launch(
+            playwright, tmp_path_factory.mktemp("chromium-profile"), viewport={"width": 1280, "height": 900},
+            accept_downloads=True, bypass_csp=True,  # Playwright's own waits evaluate strings; the page fixture checks the header itself
         )
         yield context
         context.close()

@@ -52,7 +52,7 @@ async function checkGateway() {
     const response = await fetch("/api/gateway");
     const body = await response.json();
     if (response.ok) {
-      const models = body.models.map((m) => `${m.role} ${m.name} v${m.version}`).join(", ");
+      const models = body.models.map((m) => `${m.role === m.name ? m.name : `${m.role} ${m.name}`} v${m.version}`).join(", ");
       setGatewayStatus(`Gateway ${state.config.server} (${body.backend}): ${models}`, false);
     } else {
       setGatewayStatus(body.error.message, true);
