@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -69,11 +69,12 @@ def _serving(address: str) -> bool:
 @contextlib.contextmanager
 def gateway(
     repository: Path, workdir: Path, *, backend: str = "embedded", triton_url: str | None = None,
-    env: dict[str, str] | None = None, cwd: Path | None = None,
+    env: dict[str, str] | None = None, cwd: Path | None = None, started: Callable[[int], None] | None = None,
 ) -> Iterator[str]:
     """`brainscan serve` on a free loopback port; yields its address once health says SERVING.
 
-    `cwd` (default: this checkout) is where `python -m` finds the gateway's code.
+    `cwd` (default: this checkout) is where `python -m` finds the gateway's code; `started` is called
+    with the gateway's process id (to watch its memory).
     """
     log_path = workdir / f"gateway-{backend}.log"
     command = [sys.executable, "-m", "brainscan.cli", "serve", "--host", "127.0.0.1", "--port", "0",
@@ -81,6 +82,8 @@ def gateway(
     if triton_url:
         command += ["--triton-url", triton_url]
     process = _spawn(command, log_path, env, cwd)
+    if started is not None:
+        started(process.pid)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         address = None

@@ -247,10 +247,15 @@ def _percentiles(values: np.ndarray, percents: tuple[float, ...]) -> np.ndarray:
 
 
 def _gray_channel(array: np.ndarray) -> np.ndarray | None:
-    """One channel (contiguous) of an H×W×C array whose first three channels are identical, else None."""
-    blue, green, red = cv2.split(np.ascontiguousarray(array[:, :, :3]))
-    if cv2.countNonZero(cv2.absdiff(blue, green)) or cv2.countNonZero(cv2.absdiff(green, red)):
-        return None
+    """One channel (contiguous) of an H×W×C array whose first three channels are identical, else None.
+
+    Compared one channel at a time: a wide (16-bit RGBA) image never has a three-channel copy beside it.
+    """
+    array = np.ascontiguousarray(array)
+    green = cv2.extractChannel(array, 1)
+    for other in (0, 2):
+        if cv2.countNonZero(cv2.absdiff(cv2.extractChannel(array, other), green)):
+            return None
     return green
 
 
@@ -267,7 +272,9 @@ def _rescale_to_unit(array: np.ndarray, *, source_dtype: np.dtype) -> np.ndarray
     lo, hi = float(values.min()), float(values.max())
     if hi - lo < 1e-12:
         return np.zeros_like(values)
-    return (values - lo) / (hi - lo)
+    values -= lo  # in place: the same float32 arithmetic as (values - lo) / (hi - lo), without two temporaries
+    values /= hi - lo
+    return values
 
 
 def _decode(data: bytes, *, max_side: int, max_pixels: int, all_frames: bool) -> list[DecodedImage]:
@@ -278,14 +285,21 @@ def _decode(data: bytes, *, max_side: int, max_pixels: int, all_frames: bool) ->
     header = read_header(data)  # PNG or JPEG (anything else is refused here)
     check_size((header.height, header.width), max_side)
     check_pixel_limit(header, max_pixels)
-    if header.format == "png":
-        check_png_integrity(data, png_header(data))
-        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-        if decoded is None:
-            raise InvalidImage(f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)")
-    else:
-        decoded = decode_jpeg_samples(data, where="JPEG")
-    return [DecodedImage(pixels=to_unit_gray(decoded, max_side=max_side, bgr=True), source_format=header.format)]
+    # The samples are passed straight on, so to_unit_gray can free them as soon as it has the gray channel.
+    pixels = to_unit_gray(
+        _decode_png_samples(data) if header.format == "png" else decode_jpeg_samples(data, where="JPEG"),
+        max_side=max_side,
+        bgr=True,
+    )
+    return [DecodedImage(pixels=pixels, source_format=header.format)]
+
+
+def _decode_png_samples(data: bytes) -> np.ndarray:
+    check_png_integrity(data, png_header(data))
+    decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if decoded is None:
+        raise InvalidImage(f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)")
+    return decoded
 
 
 def decode_jpeg_samples(data: bytes, *, where: str, expected_size: tuple[int, int] | None = None) -> np.ndarray:
