@@ -48,12 +48,14 @@ class WebProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def start_web(server: str, token_file: Path, log_dir: Path, timeout_s: float = 30.0) -> WebProcess:
+def start_web(
+    server: str, token_file: Path, log_dir: Path, *, extra: list[str] | None = None, timeout_s: float = 30.0
+) -> WebProcess:
     """`brainscan web --port 0`; waits for its "page on" line and a first answer."""
     log_path = log_dir / f"web-{time.monotonic_ns()}.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "brainscan.cli", "web", "--server", server, "--token-file", str(token_file),
-         "--host", "127.0.0.1", "--port", "0", "--timeout", "20"],
+         "--host", "127.0.0.1", "--port", "0", "--timeout", "20", *(extra or [])],
         stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "BRAINSCAN_MAX_REQUEST_MB": MAX_REQUEST_MB},
     )
@@ -329,6 +331,24 @@ def test_broken_and_oversized_files_get_messages_and_the_page_goes_on(page, web:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 413
     assert json.loads(refused.value.read())["error"]["kind"] == "too_big"
+
+
+def test_a_file_the_gateway_finds_too_big_is_said_plainly(browser_context, web_gateway: GatewayProcess, token_files, tmp_path: Path):
+    """A page started with a higher limit than its gateway's: the gateway's refusal reads as plainly."""
+    lax = start_web(web_gateway.address, token_files["right"], tmp_path, extra=["--max-upload-mb", "4"])
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(os.urandom(1536 * 1024))
+    try:
+        tab = browser_context.new_page()
+        tab.goto(lax.url)
+        tab.set_input_files("#file-input", str(huge))
+        wait_done(tab)
+        message = tab.locator("#messages .message")
+        assert message.get_attribute("data-kind") == "too_big"
+        assert message.inner_text().startswith("huge.png: The gateway refused the file as too big (")
+        tab.close()
+    finally:
+        stop_web(lax)
 
 
 def test_a_refused_token_is_said_plainly(browser_context, web_gateway: GatewayProcess, token_files, tmp_path: Path):

@@ -77,7 +77,7 @@ def error_view(error: BrainscanError, server: str) -> PageError:
     detail = _without_code(str(error))
     if isinstance(error, InvalidInput):
         if "too big" in detail or "larger than max" in detail:
-            return PageError(413, "too_big", f"The file is too big for the gateway: {detail}")
+            return PageError(413, "too_big", f"The gateway refused the file as too big ({detail}).")
         return PageError(400, "bad_file", f"This file could not be analyzed: {detail}")
     if isinstance(error, Unauthenticated):
         return PageError(
