@@ -81,7 +81,8 @@ def load_config(overrides: dict[str, object] | None = None, environ: dict[str, s
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    triton_targets(config.triton_url)  # refuse a malformed list before anything starts
+    if config.backend == "triton":
+        triton_targets(config.triton_url)  # refuse a malformed list before anything starts
     if config.log_format not in ("json", "text"):
         raise ValueError(f"log format must be 'json' or 'text', got {config.log_format!r}")
     return config
