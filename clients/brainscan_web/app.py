@@ -12,6 +12,7 @@ touch the disk. The file name stays in the browser, so no log can carry it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from brainscan_web.views import PageError, error_view, slice_view, too_big
 log = logging.getLogger("brainscan_web")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Uploads held and drawn at once: bounds memory at about this many times the upload limit
+# (the page itself sends one file at a time; more tabs or clients wait their turn).
+MAX_CONCURRENT_UPLOADS = 4
 # Everything comes from this origin; images are data: URLs, downloads blob: URLs.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -46,6 +50,7 @@ def create_app(client: Client, *, server: str, max_upload_bytes: int, timeout_s:
     """`timeout_s`: the deadline per slice (a multi-frame file gets one per frame)."""
     app = FastAPI(title="brainscan", description=DISCLAIMER, docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -88,10 +93,12 @@ def create_app(client: Client, *, server: str, max_upload_bytes: int, timeout_s:
 
     @app.post("/api/analyze")
     async def analyze(request: Request, segment: bool = True, detect: bool = True, gate: bool = True) -> dict[str, object]:
-        data = await read_upload(request, max_upload_bytes)
-        slices = await run_in_threadpool(
-            analyze_upload, client, data, server=server, timeout_s=timeout_s, segment=segment, detect=detect, gate=gate
-        )
+        async with uploads:
+            data = await read_upload(request, max_upload_bytes)
+            slices = await run_in_threadpool(
+                analyze_upload, client, data, server=server, timeout_s=timeout_s,
+                segment=segment, detect=detect, gate=gate,
+            )
         return {"slices": slices}
 
     return app
