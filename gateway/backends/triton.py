@@ -168,9 +168,11 @@ class TritonBackend:
                 break
             except InferenceServerException as exc:
                 tried.append(endpoint.url)
-                if _status(exc) != "UNAVAILABLE" or attempt >= self.max_retries:
+                if _status(exc) != "UNAVAILABLE":
                     raise self._error(exc, spec, tried, timeout_s) from None
                 self._take_out(endpoint, exc.message())
+                if attempt >= self.max_retries:
+                    raise self._error(exc, spec, tried, timeout_s) from None
                 log.debug("model %r: Triton %s answered UNAVAILABLE (%s); retrying", spec.name, endpoint.url, exc.message())
                 # another ready endpoint: go now; none: give the servers a moment
                 delay = 0.0 if self._ready_besides(tried) else min(self.backoff_s * 2**attempt, self.max_backoff_s)
