@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test system-deps proto
+.PHONY: setup serve test system-deps node-deps proto
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES); \
 	  else echo "tests need: sudo apt-get install -y $(SYSTEM_PACKAGES)"; fi; }
 
-setup: $(STAMP) system-deps
+# The Node client example (clients/node), which a test runs against a real gateway; Node 20 and npm come with the machine.
+NODE_STAMP := clients/node/node_modules/.package-lock.json
+$(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
+	npm ci --prefix clients/node --no-audit --no-fund
+node-deps: $(NODE_STAMP)
+
+setup: $(STAMP) system-deps node-deps
 
 serve: setup
 	$(VENV)/bin/brainscan serve
