@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
 import resource
 import struct
+import subprocess
 import urllib.request
 import zlib
 
@@ -27,7 +29,7 @@ from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
 from gateway.admission import Admission
 from gateway.errors import InvalidImage, Overloaded
 from gateway.preprocessing import decode_frames, decode_image
-from tests.conftest import png_bytes, start_gateway, stop_gateway, synthetic_slice
+from tests.conftest import PROJECT_ROOT, png_bytes, start_gateway, stop_gateway, synthetic_slice
 from tests.dicom_factory import dicom_bytes
 
 TOKEN = "s3cret-token-123"
@@ -379,3 +381,33 @@ def test_every_log_line_is_json_including_c_library_warnings(guarded):
             records.append(json.loads(line))  # raises on any non-JSON line
     native = [r for r in records if r["logger"] == "brainscan.native"]
     assert any("iCCP" in r["text"] for r in native), native
+
+
+NODE_CLIENT = PROJECT_ROOT / "clients" / "node"
+
+
+def test_node_client_example_against_the_gateway(guarded, tmp_path):
+    """docs/clients.md's Node example (@grpc/grpc-js with keepCase, longs and defaults) against a real gateway."""
+    if not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        message = "clients/node has no node_modules: run `make node-deps` (npm ci)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    slice_png, broken = tmp_path / "slice.png", tmp_path / "broken.png"
+    slice_png.write_bytes(png_bytes(synthetic_slice(128)))
+    broken.write_bytes(png_bytes(synthetic_slice(128))[:300])
+
+    def node(path) -> tuple[int, dict]:
+        done = subprocess.run(
+            ["node", str(NODE_CLIENT / "analyze.mjs"), guarded.address, str(path), TOKEN],
+            capture_output=True, text=True, timeout=60,
+        )
+        return done.returncode, json.loads(done.stdout)
+
+    code, answer = node(slice_png)
+    assert code == 0, answer
+    assert answer["label"] in ("glioma", "meningioma", "pituitary", "no_tumor")
+    assert isinstance(answer["tumor_detected"], bool)  # present even when false (defaults: true)
+    assert (answer["image_width"], answer["image_height"]) == (128, 128)  # snake_case kept (keepCase: true)
+    assert answer["segmentation_area_px"] is None or answer["segmentation_area_px"].isdigit()  # uint64 as a string
+    assert len(answer["request_id"]) == 32
+    code, refused = node(broken)
+    assert code == 2 and refused["error"] == "INVALID_ARGUMENT" and "truncated" in refused["message"]
