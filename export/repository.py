@@ -82,6 +82,18 @@ def write_model_config(
     return spec
 
 
+def set_model_parameters(repository: Path, name: str, parameters: dict[str, str]) -> ModelSpec:
+    """Set string parameters in an existing `<repository>/<name>/config.pbtxt`, keeping everything else."""
+    model_dir = repository / name
+    config = text_format.Parse((model_dir / CONFIG_FILE).read_text(), mc.ModelConfig())
+    for key, value in parameters.items():
+        config.parameters[key].string_value = str(value)
+    (model_dir / CONFIG_FILE).write_text(text_format.MessageToString(config))
+    spec = load_model_spec(model_dir)
+    validate_role(spec, name)
+    return spec
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(

@@ -44,17 +44,17 @@ def test_config_is_a_valid_contract(tiny_repository: Path, model: str) -> None:
     assert "Research use only" in (tiny_repository / model / "MODEL_CARD.md").read_text()
 
 
-@pytest.mark.parametrize(("model", "output"), [("classifier", "probabilities"), ("unet", "mask")])
-def test_onnx_names_and_dynamic_batch(tiny_repository: Path, model: str, output: str) -> None:
+@pytest.mark.parametrize(("model", "outputs"), [("classifier", ["in_scope", "probabilities"]), ("unet", ["mask"])])
+def test_onnx_names_and_dynamic_batch(tiny_repository: Path, model: str, outputs: list[str]) -> None:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(tiny_repository / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
-    assert [o.name for o in session.get_outputs()] == [output]
+    assert sorted(o.name for o in session.get_outputs()) == outputs
     assert isinstance(session.get_inputs()[0].shape[0], str)  # symbolic batch dimension
     rng = np.random.default_rng(3)
     for batch in (1, 3):
-        result = session.run(None, {"image": rng.random((batch, 64, 64, 1), dtype=np.float32)})[0]
+        result = session.run([outputs[-1]], {"image": rng.random((batch, 64, 64, 1), dtype=np.float32)})[0]
         assert result.shape[0] == batch and result.dtype == np.float32
         if model == "classifier":
             np.testing.assert_allclose(result.sum(axis=1), 1.0, atol=1e-5)
@@ -66,7 +66,7 @@ def test_parity_check_catches_a_mismatched_graph(tiny_repository: Path) -> None:
     from export.export_keras import ExportError, check_parity
     from export.keras_models import build_classifier
 
-    other = build_classifier(64, widths=(8, 8, 16, 16), depths=(1, 1, 1, 1))  # fresh random weights
+    other = build_classifier(64, pretrained=False)  # fresh random weights
     inputs = np.random.default_rng(0).random((2, 64, 64, 1), dtype=np.float32)
     with pytest.raises(ExportError, match="differs from Keras"):
         check_parity(other, tiny_repository / "classifier" / "1" / "model.onnx", "classifier", inputs)
@@ -87,8 +87,8 @@ def test_training_smoke_then_export_with_parity(tmp_path: Path) -> None:
     from gateway.contract import load_model_spec
 
     common = ["--data", str(DATA_ROOT), "--limit", "24", "--epochs", "1", "--size", "32", "--batch-size", "8"]
-    assert train_classifier.main(_args(train_classifier, common + ["--widths", "8,8,8,8", "--depths", "1,1,1,1", "--intensity-remap", "0.5", "--out", str(tmp_path / "clf")])) == 0
-    assert train_unet.main(_args(train_unet, common + ["--base-filters", "4", "--levels", "2", "--out", str(tmp_path / "unet")])) == 0
+    assert train_classifier.main(_args(train_classifier, common + ["--intensity-remap", "0.5", "--out", str(tmp_path / "clf")])) == 0
+    assert train_unet.main(_args(train_unet, common + ["--out", str(tmp_path / "unet")])) == 0
     for model, run in (("classifier", "clf"), ("unet", "unet")):
         run_dir = tmp_path / run
         assert {"args.json", "log.csv", "best.keras", "summary.json"} <= {p.name for p in run_dir.iterdir()}
@@ -101,12 +101,12 @@ def test_training_smoke_then_export_with_parity(tmp_path: Path) -> None:
     from export.train_common import load_initial_weights
 
     savedmodel = tmp_path / "repo" / "unet" / "1" / "model.savedmodel"
-    fresh = build_unet(32, base=4, levels=2)
+    fresh = build_unet(32, pretrained=False)
     load_initial_weights(fresh, savedmodel)
     probe = np.random.default_rng(3).random((2, 32, 32, 1)).astype(np.float32)
     np.testing.assert_allclose(fresh.predict(probe, verbose=0), keras_model.predict(probe, verbose=0), atol=1e-6)
     with pytest.raises(ValueError, match="not a SavedModel of this architecture"):
-        load_initial_weights(build_unet(32, base=4, levels=3), savedmodel)
+        load_initial_weights(build_unet(32, pretrained=False, decoder=(8, 8, 8, 8)), savedmodel)
 
 
 def test_metric_helpers() -> None:

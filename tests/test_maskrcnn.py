@@ -278,3 +278,48 @@ def test_evaluate_maskrcnn_reports_a_missing_model_folder(tmp_path: Path, capsys
     args = get_args_parser().parse_args(["--data", str(tmp_path), "--onnx", str(tmp_path / "nope")])
     assert main(args) == 2
     assert "nope" in capsys.readouterr().err
+
+
+# --- the ImageNet Lite0 backbone ---------------------------------------------------
+
+
+def test_lite0_backbone_trains_on_mask_and_box_only_batches() -> None:
+    """A mask batch trains every head; a box-only batch (sartaj-boxes) leaves the mask branch out."""
+    from export.maskrcnn_model import lite0_config
+    from export.train_maskrcnn import box_batch_losses
+
+    torch.manual_seed(0)
+    model = build_maskrcnn(lite0_config(64)).train()
+    data = _synthetic_set(2, 64)
+    images = [torch.from_numpy(im)[None] for im in data.images]
+    with_masks = [to_target(m) for m in data.masks]
+    losses = model(images, with_masks)
+    assert "loss_mask" in losses and torch.isfinite(sum(losses.values()))
+    boxes_only = [to_target(m, box_only=True) for m in data.masks]
+    assert all("masks" not in t for t in boxes_only)
+    losses = box_batch_losses(model, images, boxes_only)
+    assert "loss_mask" not in losses and torch.isfinite(sum(losses.values()))
+    assert model.roi_heads.has_mask()  # switched back on after the batch
+    frozen = [p for p in model.backbone.body._conv_stem.parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)
+
+
+def test_lite0_export_parity_on_slices_with_zero_detections(tmp_path: Path) -> None:
+    """The Lite0 graph through the real export path, on slices where nothing passes the score floor
+    (the empty-batch path through the mask head, which torchvision exports tend to break)."""
+    from export.export_maskrcnn import export_to_repository
+    from export.maskrcnn_model import lite0_config
+    from export.maskrcnn_onnx import ort_session
+
+    torch.manual_seed(0)
+    config = lite0_config(64)
+    model = build_maskrcnn(config).eval()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias[1] -= 12.0
+    images = [np.random.default_rng(5).random((64, 64), dtype=np.float32), np.full((64, 64), 0.3, np.float32)]
+    facts = export_to_repository(model, config, tmp_path, images)
+    assert facts["onnx_mb"] <= 40 and facts["parity"]["slices"] == 2
+    session = ort_session(tmp_path / "maskrcnn" / "1" / "model.onnx", threads=1)
+    for image in images:
+        boxes, scores, masks = session.run(None, {"image": image[None]})
+        assert boxes.shape == (0, 4) and scores.shape == (0,) and masks.shape == (0, 1, 64, 64)

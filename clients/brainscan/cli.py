@@ -30,6 +30,7 @@ DELEGATED: dict[tuple[str, str], tuple[str, bool]] = {
     ("evaluate", "service"): ("export.evaluate_service", False),
     ("data", "audit"): ("export.audit", False),
     ("export", "tiny"): ("export.tiny", False),
+    ("export", "decision"): ("export.calibrate_decision", False),
     ("bench", "triton"): ("gateway.triton_bench", False),
     ("bench", "pipeline"): ("bench.pipeline", False),
     ("bench", "ab"): ("bench.ab", False),
@@ -57,7 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-repository", type=Path, help="Triton model repository (default ./model_repository)")
     serve.add_argument("--triton-url", help="Triton gRPC address(es) for --backend triton: host:port, comma-separated, "
                        "or dns:///name:port for every address a name resolves to (default 127.0.0.1:8001)")
-    serve.add_argument("--tumor-threshold", type=float, help="p(tumor) at which U-Net/Mask R-CNN run (default 0.5)")
     serve.add_argument("--max-in-flight", type=int, help="concurrent requests before RESOURCE_EXHAUSTED (default 64)")
     serve.add_argument("--batch-max-size", type=int, help="embedded backend: rows per batched model call (default 8)")
     serve.add_argument("--batch-max-delay-ms", type=float, help="embedded backend: max wait to fill a batch, 0 = off (default 2)")
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("train", "train a model: classifier, unet or maskrcnn"),
         ("evaluate", "evaluate a model's ONNX file (classifier, unet, maskrcnn) or a running gateway (service)"),
-        ("export", "export a trained model into model_repository/: classifier, unet, maskrcnn (or tiny)"),
+        ("export", "export a trained model into model_repository/: classifier, unet, maskrcnn (or tiny); then `decision` (thresholds chosen on validation)"),
         ("data", "dataset tools: audit"),
         ("bench", "benchmarks: pipeline, ab (this checkout vs a git revision), triton, triton-calls (per-model Triton cost), series (one DICOM series end to end)"),
         ("triton", "run a local Triton server over model_repository/"),
@@ -191,7 +191,6 @@ def _serve(args: argparse.Namespace) -> int:
                 "backend": args.backend,
                 "model_repository": args.model_repository,
                 "triton_url": args.triton_url,
-                "tumor_threshold": args.tumor_threshold,
                 "max_in_flight": args.max_in_flight,
                 "batch_max_size": args.batch_max_size,
                 "batch_max_delay_ms": args.batch_max_delay_ms,
@@ -323,10 +322,15 @@ def _info(args: argparse.Namespace) -> int:
     except BrainscanError as error:
         print(f"brainscan info: {error}", file=sys.stderr)
         return 1
-    print(f"backend: {info.backend}   tumor threshold: {info.tumor_threshold}")
+    print(f"backend: {info.backend}")
     for model in info.models:
         labels = f"  labels: {', '.join(model.labels)}" if model.labels else ""
         print(f"  {model.role:<10} {model.name} v{model.version}  input {model.input_size}px{labels}")
+    d = info.decision
+    print(f"decision: tumor when p(tumor) >= {d.strong:g}, or >= {d.gate:g} with a U-Net mask >= {d.min_mask_fraction:g} "
+          f"of its input or a Mask R-CNN instance >= {info.detection_threshold:g}; >= {d.alone:g} when both are skipped")
+    learned = f"classifier in_scope >= {d.scope_threshold:g}" if d.learned_scope_check else "not available (model has no in_scope output)"
+    print(f"scope: image-level checks (blank, colour image); learned check: {learned}")
     print(info.disclaimer)
     return 0
 
@@ -356,6 +360,8 @@ def _web(args: argparse.Namespace) -> int:
 
 def format_table(result) -> str:
     lines = [f"{result.image_id}", f"  label: {result.label}   p(tumor) = {result.tumor_probability:.3f}"]
+    if not result.scope.assessed:
+        lines.append(f"  not assessed ({result.scope.reason}): {result.scope.detail}")
     probabilities = "  ".join(f"{k}={v:.3f}" for k, v in sorted(result.probabilities.items()))
     lines.append(f"  probabilities: {probabilities}")
     if result.mask is not None:
