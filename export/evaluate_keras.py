@@ -330,7 +330,7 @@ def _unet_new_sources(model: OnnxModel, data_root: Path) -> dict[str, object]:
     """lgg-flair/val (Dice on tumor slices, empty share on tumor-free ones), the held-out head-ct half and the
     sartaj-boxes validation part (share of slices whose mask lies at least half inside the tumor box)."""
     from export import train_unet
-    from export.datasets import LGG_MIN_TUMOR_PX, BoxedSlice, load_lgg_split
+    from export.datasets import LGG_MIN_TUMOR_PX, load_lgg_split
     from export.train_classifier import split_head_ct
     from export.train_unet import inside_box_share
 
@@ -361,10 +361,7 @@ def _unet_new_sources(model: OnnxModel, data_root: Path) -> dict[str, object]:
     head_ct = split_head_ct(data_root, seed=SPLIT_SEED)[1]
     ct_empty = [not _unet_prediction(model, p)[0].any() for p in tqdm(head_ct, desc=f"unet {HEAD_CT_SPLIT}", unit="img")]
     results[HEAD_CT_SPLIT] = {"full": {"n": len(ct_empty), "empty_mask_rate": round(float(np.mean(ct_empty)), 4)}}
-    args = train_unet.get_args_parser().parse_args([])
-    args.data = data_root
-    slices, _, _, val_idx = train_unet.training_slices(args)
-    boxed = [slices[i] for i in val_idx if isinstance(slices[i], BoxedSlice)]
+    boxed = train_unet.sartaj_boxes_validation(data_root)
     inside, found = [], []
     for item in tqdm(boxed, desc="unet sartaj-boxes validation", unit="img"):
         pred, shape = _unet_prediction(model, item.path)

@@ -149,6 +149,28 @@ def evaluate_negatives(run: Runner, size: int, paths: list[Path], keep_free: set
     return out
 
 
+def _new_sources(args: argparse.Namespace, run: Runner, size: int, limit: int | None) -> dict[str, object]:
+    """lgg-flair/val (tumor slices >= 200 px: AP; tumor-free: detections), the sartaj-boxes validation part
+    (box AP only: its targets are boxes) and the held-out head-ct half (detections)."""
+    from export.datasets import LGG_MIN_TUMOR_PX, load_lgg_split
+    from export.train_classifier import split_head_ct
+    from export.train_unet import sartaj_boxes_validation
+
+    lgg = load_lgg_split(args.data, "val")
+    tumor = [s for s in lgg if s.tumor_px >= LGG_MIN_TUMOR_PX][:limit]
+    healthy = [s.path for s in lgg if s.tumor_px == 0][:limit]
+    boxed = sartaj_boxes_validation(args.data)[:limit]
+    head_ct = split_head_ct(args.data, seed=20240611)[1][:limit]
+    everything = {s.path.resolve() for s in tumor} | {s.path.resolve() for s in boxed} | {p.resolve() for p in healthy + head_ct}
+    return {
+        "lgg-flair/val": evaluate_detection_split(run, size, tumor, everything, args.threshold, "lgg-flair/val"),
+        "lgg-flair/val/tumor_free": {"split": "lgg-flair/val tumor-free slices",
+                                     **evaluate_negatives(run, size, healthy, everything, args.threshold)},
+        "sartaj-boxes/validation": evaluate_detection_split(run, size, boxed, everything, args.threshold, "sartaj-boxes/validation"),
+        "head-ct/held-out": {"split": "head-ct held-out half", **evaluate_negatives(run, size, head_ct, everything, args.threshold)},
+    }
+
+
 def targets_report(results: dict) -> dict[str, object]:
     br35h = results["br35h-polygons/val"]
     report = {}
@@ -158,6 +180,13 @@ def targets_report(results: dict) -> dict[str, object]:
         report[f"br35h_val_{subset}_mask_ap50>=0.85"] = bool(row.get("mask_ap50", 0) >= TARGETS["mask_ap50"])
     fp = results["no_tumor"]["full"]["fp_rate"]
     report["no_tumor_fp_rate<=0.05"] = bool(fp is not None and fp <= TARGETS["no_tumor_fp_rate_max"])
+    if "lgg-flair/val" in results:
+        report["lgg_val_box_ap50>=0.80"] = bool(results["lgg-flair/val"]["full"].get("box_ap50", 0) >= 0.80)
+        healthy = results["lgg-flair/val/tumor_free"]["full"]["fp_rate"]
+        report["lgg_val_tumor_free_without_instance>=0.95"] = bool(healthy is not None and 1.0 - healthy >= 0.95)
+        report["sartaj_boxes_validation_box_ap50>=0.85"] = bool(results["sartaj-boxes/validation"]["full"].get("box_ap50", 0) >= 0.85)
+        ct = results["head-ct/held-out"]["full"]["fp_rate"]
+        report["head_ct_fp_rate<=0.05"] = bool(ct is not None and ct <= TARGETS["no_tumor_fp_rate_max"])
     return report
 
 
@@ -220,6 +249,7 @@ def _evaluate(args: argparse.Namespace, run: Runner, size: int, source: str, out
     negatives = [p for p, label in load_classification_split(args.data, "Testing") if label == "no_tumor"][:limit]
     free = {p.resolve() for p in audit.duplicate_free_paths(NEGATIVE_SPLIT)}
     results["no_tumor"] = {"split": f"{NEGATIVE_SPLIT}/no_tumor", **evaluate_negatives(run, size, negatives, free, args.threshold, errors)}
+    results.update(_new_sources(args, run, size, limit))
     if errors is not None:
         written = write_gallery(errors, args.errors, data_root=args.data)
         print(f"{len(errors)} errors: {', '.join(str(path) for path in written)}", file=sys.stderr)

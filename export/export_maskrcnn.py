@@ -196,7 +196,7 @@ def _results_table(evaluation: dict) -> str:
     ]
     results = evaluation.get("results", {})
     for key, row in results.items():
-        if key == "no_tumor":
+        if "split" in row:  # tumor-free splits: false-positive rates, below
             continue
         for subset in ("full", "duplicate_free"):
             r = row[subset]
@@ -208,6 +208,10 @@ def _results_table(evaluation: dict) -> str:
                   f"full {fmt(negative['full']['fp_rate'])} ({negative['full']['images']} slices), duplicate-free "
                   f"{fmt(negative['duplicate_free']['fp_rate'])} ({negative['duplicate_free']['images']} slices; every "
                   "Testing no_tumor slice has a near-duplicate in Training, so this subset can be empty)."]
+    for key, row in results.items():
+        if "split" in row and key != "no_tumor":
+            lines += ["", f"Slices with a detection ≥ the serving threshold on {row['split']}: "
+                      f"{fmt(row['full']['fp_rate'])} ({row['full']['images']} slices)."]
     targets = evaluation.get("targets", {})
     if targets:
         lines += ["", "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()) + "."]

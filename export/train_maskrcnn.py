@@ -122,7 +122,10 @@ def training_data(args: argparse.Namespace, negative: list[AnnotatedSlice]) -> t
     negative = [negative[i] for i in sorted(rng.permutation(len(negative))[: int(round(args.negatives * len(negative)))])]
     slices: list = [s for dataset, split in TRAIN_SPLITS for s in load_via_split(args.data, dataset, split)]
     if args.boxes:
-        slices += [BoxedSlice(path=p, box=b) for p, b in sorted(load_sartaj_boxes(args.data).items())]
+        from export.train_unet import sartaj_boxes_validation
+
+        held_out = {s.path for s in sartaj_boxes_validation(args.data)}  # evaluated, never trained on
+        slices += [BoxedSlice(path=p, box=b) for p, b in sorted(load_sartaj_boxes(args.data).items()) if p not in held_out]
     slices = [s for s in slices if not audit.is_excluded_from_training(s.path)] + negative
     if args.lgg:
         slices += lgg_training_split(args)[0]

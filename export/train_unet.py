@@ -82,6 +82,14 @@ def training_slices(args: argparse.Namespace) -> tuple[list, list[str], np.ndarr
     return slices, sources, np.nonzero(~flags)[0], np.nonzero(flags)[0]
 
 
+def sartaj_boxes_validation(data_root) -> list[BoxedSlice]:
+    """The sartaj-boxes slices the U-Net training holds out (default split); no model trains on them."""
+    args = get_args_parser().parse_args([])
+    args.data = data_root
+    slices, _, _, val_idx = training_slices(args)
+    return [slices[i] for i in val_idx if isinstance(slices[i], BoxedSlice)]
+
+
 def dice_scores(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per-image Dice of boolean masks; an empty prediction on an empty truth scores 1."""
     axes = tuple(range(1, pred.ndim))
