@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NO_TUMOR = CLASS_LABELS.index("no_tumor")
 MAX_SCOPE_FLAGS = 0.005
 GATES = np.round(np.arange(0.05, 0.96, 0.05), 2)
-STRONG = np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), [0.95, 0.97, 0.98, 0.99, 0.995, 1.01]]), 3)
+STRONG = np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), [0.95, 0.97, 0.98, 0.99, 0.995, 1.0]]), 3)  # 1.0: never alone
 MASK_FRACTIONS = (0.0005, 0.001, 0.002, 0.004, 0.008)
 
 
