@@ -27,7 +27,13 @@ class GatewayConfig:
     # one or more Triton gRPC targets, comma-separated: host:port, or dns:///name:port for every
     # address the name resolves to (re-resolved while running; a Kubernetes headless Service)
     triton_url: str = "127.0.0.1:8001"
-    tumor_threshold: float = 0.5
+    # Overrides of the decision's operating points, which the classifier's config.pbtxt parameters carry
+    # (gateway/decision.py; None = the model's value, else its documented default)
+    decision_gate: float | None = None
+    decision_alone: float | None = None
+    decision_strong: float | None = None
+    decision_min_mask_fraction: float | None = None
+    scope_threshold: float | None = None
     mask_threshold: float = 0.5
     detection_threshold: float = 0.5
     max_request_mb: float = 32.0

@@ -7,6 +7,9 @@ generated in tritonclient, so the protocol is never written by hand.
     IMAGE              BYTES [1]     encoded PNG / JPEG / DICOM
     PROBABILITIES      FP32  [C]     in label order (config parameter `labels`)
     TUMOR_PROBABILITY  FP32  [1]
+    TUMOR_DETECTED     BOOL  [1]     the decision (README "How the answer is decided")
+    LABEL              BYTES [1]     glioma, meningioma, pituitary, no_tumor or not_assessed
+    SCOPE_REASON       BYTES [1]     b"" when the slice was judged; else blank, colour_image or ct_or_not_mri
     MASK_PNG           BYTES [1]     U-Net mask cut to MASK_BOX, 8-bit PNG (0/255); b"" when empty
     MASK_BOX           INT32 [4]     x0, y0, x1, y1 of MASK_PNG in the original pixels (zeros when empty)
     BOXES              FP32  [N, 4]  Mask R-CNN instances, original pixels
@@ -43,7 +46,7 @@ log = logging.getLogger("brainscan.gateway.kserve")
 MODEL_NAME = "brainscan_pipeline"
 MODEL_VERSION = "1"
 PLATFORM = "brainscan_gateway"
-_DTYPES = {"FP32": mc.TYPE_FP32, "INT32": mc.TYPE_INT32, "BYTES": mc.TYPE_STRING}
+_DTYPES = {"FP32": mc.TYPE_FP32, "INT32": mc.TYPE_INT32, "BYTES": mc.TYPE_STRING, "BOOL": mc.TYPE_BOOL}
 
 
 def _tensors(num_classes: int) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
@@ -51,6 +54,9 @@ def _tensors(num_classes: int) -> tuple[list[tuple[str, str, list[int]]], list[t
     outputs = [
         ("PROBABILITIES", "FP32", [num_classes]),
         ("TUMOR_PROBABILITY", "FP32", [1]),
+        ("TUMOR_DETECTED", "BOOL", [1]),
+        ("LABEL", "BYTES", [1]),
+        ("SCOPE_REASON", "BYTES", [1]),
         ("MASK_PNG", "BYTES", [1]),
         ("MASK_BOX", "INT32", [4]),
         ("BOXES", "FP32", [-1, 4]),
@@ -238,6 +244,9 @@ def response_from_analysis(
     values: dict[str, tuple[str, list[int], bytes]] = {
         "PROBABILITIES": _fp32([analysis.probabilities[label] for label in labels]),
         "TUMOR_PROBABILITY": _fp32([analysis.tumor_probability]),
+        "TUMOR_DETECTED": ("BOOL", [1], np.asarray([analysis.tumor_detected], dtype=np.bool_).tobytes()),
+        "LABEL": ("BYTES", [1], serialize_bytes([analysis.label.encode()])),
+        "SCOPE_REASON": ("BYTES", [1], serialize_bytes([analysis.scope.reason.encode()])),
         "MASK_PNG": ("BYTES", [1], serialize_bytes([mask_png])),
         "MASK_BOX": ("INT32", [4], np.asarray(mask_box, dtype="<i4").tobytes()),
         "BOXES": ("FP32", [len(instances), 4], np.asarray([i.box for i in instances], "<f4").reshape(-1, 4).tobytes()),

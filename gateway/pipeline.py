@@ -7,14 +7,17 @@ brain crop and the first model's tensor in one hop, and a model whose input
 size matches one already prepared reuses it.
 
 A gated request (the default) runs the classifier first and the U-Net and
-Mask R-CNN only on a tumor. An ungated request needs nothing from the
-classifier, so all three start at once, the Mask R-CNN (the longest) first:
-its latency is the longest chain, not the sum.
+Mask R-CNN only on a judged slice with p(tumor) >= the decision gate. An
+ungated request needs nothing from the classifier, so all three start at once,
+the Mask R-CNN (the longest) first: its latency is the longest chain, not the
+sum. Either way the answer is decided once, by gateway.decision, from the
+scope checks and everything the models returned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +28,18 @@ from typing import Any
 import numpy as np
 
 from gateway.backends.base import Backend
+from gateway.contract import ModelSpec
 from gateway.config import GatewayConfig
+from gateway.decision import (
+    Decision,
+    DecisionParameters,
+    Evidence,
+    Scope,
+    assess_scope,
+    decide,
+    runs_localization,
+    tumor_probability,
+)
 from gateway.errors import DeadlineExceeded, InvalidImage
 from gateway.postprocessing import (
     InstanceResult,
@@ -41,17 +55,18 @@ from gateway.preprocessing import (
     decode_image,
     find_brain_box,
     prepare,
-    to_unit_gray,
+    unit_gray_and_colour,
 )
+from gateway.scope import ScopeFlag, check_image
 
-NO_TUMOR = "no_tumor"
+SCOPE_OUTPUT = "in_scope"
 
 
 @dataclass(frozen=True)
 class AnalysisOptions:
     segment: bool = True
     detect: bool = True
-    gate: bool = True  # run U-Net / Mask R-CNN only when the classifier sees a tumor
+    gate: bool = True  # run U-Net / Mask R-CNN only on a judged slice with p(tumor) >= the decision gate
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,7 @@ class Analysis:
     instances: list[InstanceResult]
     segmentation_ran: bool
     detection_ran: bool
+    scope: Scope
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -82,6 +98,7 @@ class _Inputs:
 
     def __init__(self, decoded: DecodedImage, crop: CropBox) -> None:
         self.decoded, self.crop = decoded, crop
+        self.image_flag: ScopeFlag | None = None
         self._by_size: dict[int, PreparedImage] = {}
 
     def cached(self, size: int) -> PreparedImage | None:
@@ -99,8 +116,9 @@ class _Inputs:
 
     @classmethod
     def first(cls, decoded: DecodedImage, size: int) -> _Inputs:
-        """Brain crop plus the tensor of the first model to run."""
+        """Brain crop, the image-level scope checks, and the tensor of the first model to run."""
         inputs = cls(decoded, find_brain_box(decoded.pixels))
+        inputs.image_flag = check_image(decoded.pixels, decoded.colour_fraction)
         inputs.get(size)
         return inputs
 
@@ -110,6 +128,11 @@ class Pipeline:
         self.backend = backend
         self.config = config
         self._executor = executor
+
+    @functools.cached_property
+    def decision(self) -> DecisionParameters:
+        """The decision's operating points; read once the backend has loaded the model specs."""
+        return decision_parameters(self.backend.specs["classifier"], self.config)
 
     @property
     def model_versions(self) -> dict[str, str]:
@@ -178,40 +201,50 @@ class Pipeline:
         total_started = time.perf_counter() - (decode_ms + preprocess_ms) / 1000.0
         decoded = inputs.decoded
         if options.gate:
-            by_label = await self._classify(inputs, deadline, watch)
-            tumor_detected = 1.0 - by_label[NO_TUMOR] >= self.config.tumor_threshold
-            segment, detect = tumor_detected and options.segment, tumor_detected and options.detect
+            by_label, in_scope = await self._classify(inputs, deadline, watch)
+            scope = assess_scope(in_scope, inputs.image_flag, self.decision)
+            localize = runs_localization(by_label, scope, self.decision)
+            segment, detect = localize and options.segment, localize and options.detect
             # Both tensors in one hop, the Mask R-CNN's first, so that it reaches the backend first
             # and keeps every core (the embedded backend's ThreadBudget); the U-Net runs beside it.
             sizes = [self.backend.specs[m].input_size for m, on in (("maskrcnn", detect), ("unet", segment)) if on]
             if sizes:
                 await loop.run_in_executor(self._executor, inputs.prepare_all, sizes)
-            instances, segmentation = await _all(
+            instances, (segmentation, mask_fraction) = await _all(
                 self._detect(inputs, deadline, watch) if detect else _value([]),
-                self._segment(inputs, deadline, watch) if segment else _value(None),
+                self._segment(inputs, deadline, watch) if segment else _value((None, None)),
             )
         else:
             segment, detect = options.segment, options.detect
             # The tasks start in this order: the Mask R-CNN, whose tensor is already prepared, first.
-            instances, by_label, segmentation = await _all(
+            instances, (by_label, in_scope), (segmentation, mask_fraction) = await _all(
                 self._detect(inputs, deadline, watch) if detect else _value([]),
                 self._classify(inputs, deadline, watch),
-                self._segment(inputs, deadline, watch) if segment else _value(None),
+                self._segment(inputs, deadline, watch) if segment else _value((None, None)),
             )
-        tumor_probability = 1.0 - by_label[NO_TUMOR]
-        tumor_detected = tumor_probability >= self.config.tumor_threshold
+            scope = assess_scope(in_scope, inputs.image_flag, self.decision)
+        evidence = Evidence(
+            mask_fraction=mask_fraction, max_instance_score=max((i.score for i in instances), default=None)
+        )
+        decision: Decision = decide(
+            by_label, scope, evidence, self.decision, localization_asked=options.segment or options.detect
+        )
+        if options.gate and not decision.tumor_detected:
+            # Gated answers show localization only with a tumor finding (a sub-threshold mask is no finding).
+            segmentation, instances = None, []
         watch.record("total", total_started)
         analysis = Analysis(
-            label=_label(by_label, tumor_detected),
+            label=decision.label,
             probabilities=by_label,
-            tumor_probability=tumor_probability,
-            tumor_detected=tumor_detected,
+            tumor_probability=tumor_probability(by_label),
+            tumor_detected=decision.tumor_detected,
             image_height=int(decoded.pixels.shape[0]),
             image_width=int(decoded.pixels.shape[1]),
             segmentation=segmentation,
             instances=instances,
             segmentation_ran=segment,
             detection_ran=detect,
+            scope=decision.scope,
             timings_ms=watch.timings_ms,
         )
         return analysis
@@ -219,14 +252,18 @@ class Pipeline:
     def _decode(self, image: bytes | np.ndarray, *, all_frames: bool) -> list[DecodedImage]:
         max_side, max_pixels = self.config.max_image_side, self.config.max_request_pixels
         if isinstance(image, np.ndarray):
-            return [DecodedImage(pixels=to_unit_gray(image, max_side=max_side))]
+            pixels, colour = unit_gray_and_colour(image, max_side=max_side)
+            return [DecodedImage(pixels=pixels, colour_fraction=colour)]
         if isinstance(image, (bytes, bytearray, memoryview)):
             if all_frames:
                 return decode_frames(bytes(image), max_side=max_side, max_pixels=max_pixels)
             return [decode_image(bytes(image), max_side=max_side, max_pixels=max_pixels)]
         raise InvalidImage(f"unsupported image type {type(image).__name__}")
 
-    async def _classify(self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch) -> dict[str, float]:
+    async def _classify(
+        self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch
+    ) -> tuple[dict[str, float], float | None]:
+        """Class probabilities by label, and the in_scope probability (None when the model has no such output)."""
         loop = asyncio.get_running_loop()
         spec = self.backend.specs["classifier"]
         prepared = await self._prepared(inputs, spec.input_size)
@@ -236,13 +273,18 @@ class Pipeline:
         )
         watch.record("classifier", started)
         probabilities = outputs["probabilities"][0].astype(np.float64)
-        return {label: float(p) for label, p in zip(spec.labels, probabilities)}
+        in_scope = outputs.get(SCOPE_OUTPUT)
+        by_label = {label: float(p) for label, p in zip(spec.labels, probabilities)}
+        return by_label, None if in_scope is None else float(np.reshape(in_scope[0], -1)[0])
 
     async def _prepared(self, inputs: _Inputs, size: int) -> PreparedImage:
         """The tensor for `size`: from the cache, else prepared in the pool."""
         return inputs.cached(size) or await asyncio.get_running_loop().run_in_executor(self._executor, inputs.get, size)
 
-    async def _segment(self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch) -> SegmentationResult | None:
+    async def _segment(
+        self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch
+    ) -> tuple[SegmentationResult | None, float]:
+        """The mask in original pixels, and the share of the U-Net's grid it covers (the decision's evidence)."""
         loop = asyncio.get_running_loop()
         spec = self.backend.specs["unet"]
         decoded = inputs.decoded
@@ -253,15 +295,15 @@ class Pipeline:
         )
         watch.record("unet", started)
         started = time.perf_counter()
-        result = await loop.run_in_executor(
-            self._executor,
-            lambda: segmentation_from_unet(
-                outputs["mask"][0, :, :, 0],
-                prepared,
-                threshold=self.config.mask_threshold,
-                spacing=decoded.pixel_spacing_mm,
-            ),
-        )
+        probabilities = outputs["mask"][0, :, :, 0]
+        threshold = self.config.mask_threshold
+
+        def postprocess() -> tuple[SegmentationResult | None, float]:
+            fraction = float(np.count_nonzero(probabilities >= threshold)) / probabilities.size
+            mask = segmentation_from_unet(probabilities, prepared, threshold=threshold, spacing=decoded.pixel_spacing_mm)
+            return mask, fraction
+
+        result = await loop.run_in_executor(self._executor, postprocess)
         watch.record("unet_postprocess", started)
         return result
 
@@ -299,15 +341,21 @@ def _first_model(options: AnalysisOptions) -> str:
     return "maskrcnn" if options.detect and not options.gate else "classifier"
 
 
-def _label(probabilities: dict[str, float], tumor_detected: bool) -> str:
-    """The label agrees with the tumor gate: no_tumor, or the most likely tumor class.
-
-    Plain argmax could say no_tumor (0.36) while p(tumor) = 0.64 passes the gate.
-    """
-    if not tumor_detected:
-        return NO_TUMOR
-    tumor_classes = {k: v for k, v in probabilities.items() if k != NO_TUMOR}
-    return max(tumor_classes, key=tumor_classes.__getitem__)
+def decision_parameters(classifier: ModelSpec, config: GatewayConfig) -> DecisionParameters:
+    """The classifier's config.pbtxt parameters, overridden by non-None BRAINSCAN_DECISION_* settings."""
+    overrides = {
+        "decision_gate": config.decision_gate,
+        "decision_alone": config.decision_alone,
+        "decision_strong": config.decision_strong,
+        "decision_min_mask_fraction": config.decision_min_mask_fraction,
+        "scope_threshold": config.scope_threshold,
+    }
+    return DecisionParameters.from_parameters(
+        classifier.parameters,
+        overrides,
+        detection_threshold=config.detection_threshold,
+        learned_scope=any(t.name == SCOPE_OUTPUT for t in classifier.outputs),
+    )
 
 
 async def _value(value):

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from gateway.errors import InvalidImage
+from gateway.scope import colour_fraction
 from gateway.image_header import (
     MAX_JPEG_SCANS,
     check_pixel_limit,
@@ -52,6 +53,7 @@ class DecodedImage:
     pixels: np.ndarray
     pixel_spacing_mm: tuple[float, float] | None = None  # (row, column) spacing, DICOM only
     source_format: str = "array"
+    colour_fraction: float = 0.0  # share of strongly coloured pixels before the gray conversion (gateway.scope)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,14 @@ def to_unit_gray(array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE, bgr: bo
 
     Colour arrays are RGB(A), or BGR(A) with `bgr` (OpenCV's decoders).
     """
+    return unit_gray_and_colour(array, max_side=max_side, bgr=bgr)[0]
+
+
+def unit_gray_and_colour(
+    array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE, bgr: bool = False
+) -> tuple[np.ndarray, float]:
+    """to_unit_gray, and the input's colour_fraction (gateway.scope), measured before the gray conversion."""
+    colour = 0.0
     if not isinstance(array, np.ndarray):
         raise InvalidImage(f"expected a numpy array, got {type(array).__name__}")
     source_dtype = array.dtype
@@ -120,9 +130,10 @@ def to_unit_gray(array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE, bgr: bo
             # (to 1 ulp of the formula below), at half the cost of converting all three.
             array = channel
         elif source_dtype in _SUPPORTED_DTYPES:
+            colour = colour_fraction(array)  # only here: a gray slice saved as colour has none
             # Luminance 0.299 R + 0.587 G + 0.114 B in float32 (OpenCV: ~4x faster than a numpy matmul).
-            colour = np.ascontiguousarray(array[:, :, :3], dtype=np.float32)
-            array = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY if bgr else cv2.COLOR_RGB2GRAY)
+            samples = np.ascontiguousarray(array[:, :, :3], dtype=np.float32)
+            array = cv2.cvtColor(samples, cv2.COLOR_BGR2GRAY if bgr else cv2.COLOR_RGB2GRAY)
     if array.ndim != 2:
         raise InvalidImage(
             f"image array must be H×W or H×W×C with C in (1, 3, 4); got shape {tuple(array.shape)}"
@@ -131,7 +142,7 @@ def to_unit_gray(array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE, bgr: bo
         raise InvalidImage(
             f"image dtype {source_dtype} is not supported; use uint8, uint16, int16, float32 or float64"
         )
-    return _rescale_to_unit(array, source_dtype=source_dtype)
+    return _rescale_to_unit(array, source_dtype=source_dtype), colour
 
 
 def find_brain_box(gray: np.ndarray) -> CropBox:
@@ -285,13 +296,13 @@ def _decode(data: bytes, *, max_side: int, max_pixels: int, all_frames: bool) ->
     header = read_header(data)  # PNG or JPEG (anything else is refused here)
     check_size((header.height, header.width), max_side)
     check_pixel_limit(header, max_pixels)
-    # The samples are passed straight on, so to_unit_gray can free them as soon as it has the gray channel.
-    pixels = to_unit_gray(
+    # The samples are passed straight on, so unit_gray_and_colour can free them as soon as it has the gray channel.
+    pixels, colour = unit_gray_and_colour(
         _decode_png_samples(data) if header.format == "png" else decode_jpeg_samples(data, where="JPEG"),
         max_side=max_side,
         bgr=True,
     )
-    return [DecodedImage(pixels=pixels, source_format=header.format)]
+    return [DecodedImage(pixels=pixels, source_format=header.format, colour_fraction=colour)]
 
 
 def _decode_png_samples(data: bytes) -> np.ndarray:
@@ -344,7 +355,8 @@ def _decode_dicom(data: bytes, *, max_side: int, max_pixels: int, all_frames: bo
     check_pixel_limit(header, max_pixels)
     spacing = pixel_spacing_mm(parsed.dataset)
     frames = decode_dicom(parsed)
-    return [
-        DecodedImage(pixels=to_unit_gray(frame, max_side=max_side), pixel_spacing_mm=spacing, source_format="dicom")
-        for frame in frames
-    ]
+    decoded = []
+    for frame in frames:
+        pixels, colour = unit_gray_and_colour(frame, max_side=max_side)
+        decoded.append(DecodedImage(pixels=pixels, pixel_spacing_mm=spacing, source_format="dicom", colour_fraction=colour))
+    return decoded

@@ -76,11 +76,14 @@ class Gateway:
     metrics_port: int | None = None
     health_server: grpc.aio.Server | None = None  # plaintext, health only (config.health_port)
     health_port: int | None = None
+    pipeline: Pipeline | None = None
     _health_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Load models, start serving, report SERVING once the backend is ready."""
         await self.backend.start()
+        if self.pipeline is not None:  # the decision's parameters, checked (and logged) before serving
+            log.info("decision parameters: %s", asdict(self.pipeline.decision))
         for spec in self.backend.specs.values():
             self.metrics.model_info.labels(model=spec.name, version=spec.version, backend=self.backend.kind).set(1)
         if self.config.metrics_port is not None:
@@ -169,7 +172,7 @@ def build_server(config: GatewayConfig) -> Gateway:
             raise OSError(f"could not bind the health port {config.host}:{config.health_port} (address in use?)")
     return Gateway(
         server=server, port=port, backend=backend, health=health_servicer, config=config, executor=executor,
-        metrics=metrics, health_server=health_server, health_port=health_port,
+        metrics=metrics, health_server=health_server, health_port=health_port, pipeline=pipeline,
     )
 
 

@@ -19,6 +19,7 @@ from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
 from gateway.postprocessing import MaskRegion
 from gateway.preprocessing import DEFAULT_MAX_SIDE, check_size
 from gateway.contract import DISCLAIMER
+from gateway.decision import Scope
 from gateway.series import Skipped
 from gateway.series_analysis import SeriesAnalyzer, SeriesOutcome
 
@@ -99,13 +100,22 @@ class BrainScanService(pb_grpc.BrainScanServicer):
             )
             for role, spec in self.pipeline.backend.specs.items()
         ]
+        decision = self.pipeline.decision
         return pb.GetModelInfoResponse(
             models=models,
             backend=self.pipeline.backend.kind,
-            tumor_threshold=config.tumor_threshold,
+            tumor_threshold=decision.gate,
             mask_threshold=config.mask_threshold,
             detection_threshold=config.detection_threshold,
             disclaimer=DISCLAIMER,
+            decision=pb.DecisionInfo(
+                gate=decision.gate,
+                alone=decision.alone,
+                strong=decision.strong,
+                min_mask_fraction=decision.min_mask_fraction,
+                scope_threshold=decision.scope_threshold,
+                learned_scope_check=decision.learned_scope,
+            ),
         )
 
     async def _analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
@@ -200,6 +210,7 @@ def response_from_analysis(analysis: Analysis, image_id: str, versions: dict[str
         image_height=analysis.image_height,
         segmentation_ran=analysis.segmentation_ran,
         detection_ran=analysis.detection_ran,
+        scope=_scope(analysis.scope),
     )
     if analysis.segmentation is not None:
         seg = analysis.segmentation
@@ -217,6 +228,13 @@ def response_from_analysis(analysis: Analysis, image_id: str, versions: dict[str
             )
         )
     return response
+
+
+def _scope(scope: Scope) -> pb.Scope:
+    message = pb.Scope(assessed=scope.assessed, reason=scope.reason, detail=scope.detail)
+    if scope.in_scope_probability is not None:
+        message.in_scope_probability = scope.in_scope_probability
+    return message
 
 
 def _mask(region: MaskRegion) -> pb.Mask:

@@ -50,6 +50,7 @@ def test_cli_analyze_json_and_overlay(embedded_gateway, tmp_path):
         assert set(line) >= {"image", "label", "probabilities", "tumor_probability", "segmentation", "instances", "models", "timings_ms"}
         assert line["segmentation_ran"] is True and line["detection_ran"] is True  # --ungated: both always run
         assert line["image_size"] == [180, 180] and isinstance(line["tumor_detected"], bool)
+        assert set(line["scope"]) == {"assessed", "reason", "detail", "in_scope_probability"}
         for instance in line["instances"]:
             assert set(instance) >= {"box", "score", "area_px"} and len(instance["box"]) == 4
     overlays = sorted(out.glob("*.png"))

@@ -21,7 +21,10 @@ from brainscan import Client
 from gateway.kserve import MODEL_NAME, deserialize_bytes, serialize_bytes
 from tests.conftest import png_bytes, synthetic_slice
 
-OUTPUTS = ("PROBABILITIES", "TUMOR_PROBABILITY", "MASK_PNG", "MASK_BOX", "BOXES", "SCORES")
+OUTPUTS = (
+    "PROBABILITIES", "TUMOR_PROBABILITY", "TUMOR_DETECTED", "LABEL", "SCOPE_REASON", "MASK_PNG", "MASK_BOX", "BOXES",
+    "SCORES",
+)
 
 
 @pytest.fixture()
@@ -63,6 +66,9 @@ def test_infer_matches_the_brainscan_api(kserve: InferenceServerClient, embedded
     for label, p in zip(labels.split(","), probabilities):
         assert p == pytest.approx(reference.probabilities[label], abs=1e-5)
     assert result.as_numpy("TUMOR_PROBABILITY")[0] == pytest.approx(reference.tumor_probability, abs=1e-5)
+    assert bool(result.as_numpy("TUMOR_DETECTED")[0]) == reference.tumor_detected
+    assert result.as_numpy("LABEL")[0].decode() == reference.label
+    assert result.as_numpy("SCOPE_REASON")[0].decode() == reference.scope.reason
     boxes, scores = result.as_numpy("BOXES"), result.as_numpy("SCORES")
     assert boxes.shape == (len(reference.instances), 4) and scores.shape == (len(reference.instances),)
     mask_png = result.as_numpy("MASK_PNG")[0]

@@ -21,11 +21,14 @@ LABELS = {"glioma", "meningioma", "no_tumor", "pituitary"}
 
 
 def check_result(result: AnalysisResult, height: int, width: int) -> None:
-    assert result.label in LABELS
     assert set(result.probabilities) == LABELS
     assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
     assert result.tumor_probability == pytest.approx(1.0 - result.probabilities["no_tumor"], abs=1e-5)
-    assert (result.label != "no_tumor") == result.tumor_detected  # the label follows the gate
+    # the label agrees with the decision: a tumor class exactly when tumor_detected, not_assessed out of scope
+    if result.scope.assessed:
+        assert result.label in LABELS and (result.label != "no_tumor") == result.tumor_detected
+    else:
+        assert result.label == "not_assessed" and not result.tumor_detected and result.scope.reason
     assert result.image_size == (height, width)
     assert set(result.models) == {"classifier", "unet", "maskrcnn"}
     assert {"decode", "preprocess", "classifier", "total"} <= set(result.timings)
@@ -95,15 +98,20 @@ def test_switches_skip_models(gateway):
 def test_gate_follows_the_classifier(gateway):
     image = synthetic_slice(128, seed=5)
     with Client(gateway.address) as client:
+        gate = client.model_info().decision.gate
         result = client.analyze(image)
         ungated = client.analyze(image, gate=False)
-    # With the gate on, downstream models run exactly when a tumor is reported.
-    assert result.segmentation_ran == result.tumor_detected
-    assert result.detection_ran == result.tumor_detected
-    # Ungated, all three models run at once; the answer is the same as the classifier-first order's.
+    # With the gate on, downstream models run exactly on a judged slice with p(tumor) >= the gate,
+    # and show something only with a tumor finding.
+    reaches_gate = result.scope.assessed and result.tumor_probability >= gate
+    assert result.segmentation_ran == reaches_gate and result.detection_ran == reaches_gate
+    if not result.tumor_detected:
+        assert result.mask is None and result.instances == ()
+    # Ungated, all three models run at once; the decision is the same as the classifier-first order's.
     assert ungated.segmentation_ran and ungated.detection_ran
     assert ungated.probabilities == pytest.approx(result.probabilities, abs=1e-6)
-    assert ungated.label == result.label
+    assert (ungated.label, ungated.tumor_detected) == (result.label, result.tumor_detected)
+    assert (ungated.scope.assessed, ungated.scope.reason) == (result.scope.assessed, result.scope.reason)
     if result.tumor_detected:
         assert (ungated.mask is None) == (result.mask is None)
         if result.mask is not None:

@@ -7,7 +7,7 @@
 Research use only. Not a medical device; not for diagnosis or treatment decisions.
 """
 
-from brainscan.client import AsyncClient, Client, ModelInfo, ServerInfo
+from brainscan.client import AsyncClient, Client, DecisionInfo, ModelInfo, ServerInfo
 from brainscan.errors import (
     BrainscanError,
     DeadlineExceeded,
@@ -17,7 +17,7 @@ from brainscan.errors import (
     ServerUnavailable,
     Unauthenticated,
 )
-from brainscan.results import DISCLAIMER, AnalysisResult, Instance
+from brainscan.results import DISCLAIMER, AnalysisResult, Instance, Scope
 from brainscan.series import SeriesAnalysis, SeriesFailure, SeriesResult, SeriesSlice, SkippedFile
 
 __all__ = [
@@ -27,12 +27,14 @@ __all__ = [
     "Client",
     "DISCLAIMER",
     "DeadlineExceeded",
+    "DecisionInfo",
     "Instance",
     "InvalidInput",
     "ModelInfo",
     "Overloaded",
     "ServerError",
     "ServerInfo",
+    "Scope",
     "SeriesAnalysis",
     "SeriesFailure",
     "SeriesResult",

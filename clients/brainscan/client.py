@@ -45,11 +45,26 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class DecisionInfo:
+    """The operating points of the gateway's tumor decision (README "How the answer is decided")."""
+
+    gate: float  # p(tumor) at which U-Net / Mask R-CNN run and their evidence can confirm a tumor
+    alone: float  # p(tumor) threshold when both localization models are skipped
+    strong: float  # p(tumor) at which the classifier alone suffices
+    min_mask_fraction: float  # U-Net mask share of its input grid that counts as evidence
+    scope_threshold: float  # classifier in_scope below this: not assessed
+    learned_scope_check: bool  # False: the classifier has no in_scope output (image-level checks only)
+
+
+@dataclass(frozen=True)
 class ServerInfo:
     backend: str
     models: tuple[ModelInfo, ...]
-    tumor_threshold: float
+    tumor_threshold: float  # = decision.gate
     disclaimer: str
+    decision: DecisionInfo
+    detection_threshold: float
+    mask_threshold: float
 
 
 def _open_channel(
@@ -99,6 +114,16 @@ def _server_info(response: pb.GetModelInfoResponse) -> ServerInfo:
         ),
         tumor_threshold=response.tumor_threshold,
         disclaimer=response.disclaimer,
+        decision=DecisionInfo(
+            gate=response.decision.gate,
+            alone=response.decision.alone,
+            strong=response.decision.strong,
+            min_mask_fraction=response.decision.min_mask_fraction,
+            scope_threshold=response.decision.scope_threshold,
+            learned_scope_check=response.decision.learned_scope_check,
+        ),
+        detection_threshold=response.detection_threshold,
+        mask_threshold=response.mask_threshold,
     )
 
 

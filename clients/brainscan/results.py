@@ -14,6 +14,22 @@ DISCLAIMER = "Research use only. Not a medical device; not for diagnosis or trea
 
 
 @dataclass(frozen=True)
+class Scope:
+    """Whether the slice was judged. `assessed` False: "could not judge" (not "no tumor"); the result then
+    reports no tumor finding and the label `not_assessed`."""
+
+    assessed: bool
+    reason: str  # "" when assessed; else blank, colour_image or ct_or_not_mri
+    detail: str  # the reason in words
+    in_scope_probability: float | None  # the classifier's p(brain MRI slice it can judge); None if it has none
+
+    def to_json_dict(self) -> dict[str, object]:
+        p = self.in_scope_probability
+        return {"assessed": self.assessed, "reason": self.reason, "detail": self.detail,
+                "in_scope_probability": None if p is None else round(p, 6)}
+
+
+@dataclass(frozen=True)
 class Instance:
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in original pixels
     score: float
@@ -25,10 +41,11 @@ class Instance:
 @dataclass(frozen=True)
 class AnalysisResult:
     image_id: str
-    label: str
+    label: str  # glioma, meningioma, pituitary, no_tumor, or not_assessed (scope.assessed False)
     probabilities: dict[str, float]
     tumor_probability: float
-    tumor_detected: bool
+    tumor_detected: bool  # the gateway's decision from all the evidence; the label agrees with it
+    scope: Scope
     mask: np.ndarray | None = field(repr=False)  # U-Net mask, H×W bool, or None
     segmentation_area_px: int
     segmentation_area_mm2: float | None
@@ -49,6 +66,7 @@ class AnalysisResult:
             "probabilities": {k: round(v, 6) for k, v in sorted(self.probabilities.items())},
             "tumor_probability": round(self.tumor_probability, 6),
             "tumor_detected": self.tumor_detected,
+            "scope": self.scope.to_json_dict(),
             "image_size": list(self.image_size),
             # null segmentation / empty instances mean "found nothing" only where the model ran
             "segmentation_ran": self.segmentation_ran,
@@ -107,6 +125,14 @@ def result_from_response(response: pb.AnalyzeResponse) -> AnalysisResult:
         probabilities=dict(response.probabilities),
         tumor_probability=response.tumor_probability,
         tumor_detected=response.tumor_detected,
+        scope=Scope(
+            assessed=response.scope.assessed,
+            reason=response.scope.reason,
+            detail=response.scope.detail,
+            in_scope_probability=(
+                response.scope.in_scope_probability if response.scope.HasField("in_scope_probability") else None
+            ),
+        ),
         mask=None if seg is None else decode_mask(seg.mask, height, width),
         segmentation_area_px=0 if seg is None else seg.area_px,
         segmentation_area_mm2=seg.area_mm2 if seg is not None and seg.HasField("area_mm2") else None,

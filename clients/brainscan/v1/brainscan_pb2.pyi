@@ -97,8 +97,20 @@ class Error(_message.Message):
     message: str
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
+class Scope(_message.Message):
+    __slots__ = ("assessed", "reason", "detail", "in_scope_probability")
+    ASSESSED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    IN_SCOPE_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    assessed: bool
+    reason: str
+    detail: str
+    in_scope_probability: float
+    def __init__(self, assessed: bool = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., in_scope_probability: _Optional[float] = ...) -> None: ...
+
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("image_id", "label", "probabilities", "tumor_probability", "tumor_detected", "segmentation", "instances", "model_versions", "timings_ms", "image_width", "image_height", "segmentation_ran", "detection_ran", "error", "frame")
+    __slots__ = ("image_id", "label", "probabilities", "tumor_probability", "tumor_detected", "segmentation", "instances", "model_versions", "timings_ms", "image_width", "image_height", "segmentation_ran", "detection_ran", "error", "frame", "scope")
     class ProbabilitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +147,7 @@ class AnalyzeResponse(_message.Message):
     DETECTION_RAN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     label: str
     probabilities: _containers.ScalarMap[str, float]
@@ -150,7 +163,8 @@ class AnalyzeResponse(_message.Message):
     detection_ran: bool
     error: Error
     frame: int
-    def __init__(self, image_id: _Optional[str] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., tumor_probability: _Optional[float] = ..., tumor_detected: bool = ..., segmentation: _Optional[_Union[Segmentation, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., model_versions: _Optional[_Mapping[str, str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., segmentation_ran: bool = ..., detection_ran: bool = ..., error: _Optional[_Union[Error, _Mapping]] = ..., frame: _Optional[int] = ...) -> None: ...
+    scope: Scope
+    def __init__(self, image_id: _Optional[str] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., tumor_probability: _Optional[float] = ..., tumor_detected: bool = ..., segmentation: _Optional[_Union[Segmentation, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., model_versions: _Optional[_Mapping[str, str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., segmentation_ran: bool = ..., detection_ran: bool = ..., error: _Optional[_Union[Error, _Mapping]] = ..., frame: _Optional[int] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -170,21 +184,39 @@ class ModelInfo(_message.Message):
     input_size: int
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., role: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ...) -> None: ...
 
+class DecisionInfo(_message.Message):
+    __slots__ = ("gate", "alone", "strong", "min_mask_fraction", "scope_threshold", "learned_scope_check")
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    ALONE_FIELD_NUMBER: _ClassVar[int]
+    STRONG_FIELD_NUMBER: _ClassVar[int]
+    MIN_MASK_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_SCOPE_CHECK_FIELD_NUMBER: _ClassVar[int]
+    gate: float
+    alone: float
+    strong: float
+    min_mask_fraction: float
+    scope_threshold: float
+    learned_scope_check: bool
+    def __init__(self, gate: _Optional[float] = ..., alone: _Optional[float] = ..., strong: _Optional[float] = ..., min_mask_fraction: _Optional[float] = ..., scope_threshold: _Optional[float] = ..., learned_scope_check: bool = ...) -> None: ...
+
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("models", "backend", "tumor_threshold", "mask_threshold", "detection_threshold", "disclaimer")
+    __slots__ = ("models", "backend", "tumor_threshold", "mask_threshold", "detection_threshold", "disclaimer", "decision")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     TUMOR_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MASK_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DETECTION_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DISCLAIMER_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     backend: str
     tumor_threshold: float
     mask_threshold: float
     detection_threshold: float
     disclaimer: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., backend: _Optional[str] = ..., tumor_threshold: _Optional[float] = ..., mask_threshold: _Optional[float] = ..., detection_threshold: _Optional[float] = ..., disclaimer: _Optional[str] = ...) -> None: ...
+    decision: DecisionInfo
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., backend: _Optional[str] = ..., tumor_threshold: _Optional[float] = ..., mask_threshold: _Optional[float] = ..., detection_threshold: _Optional[float] = ..., disclaimer: _Optional[str] = ..., decision: _Optional[_Union[DecisionInfo, _Mapping]] = ...) -> None: ...
 
 class SeriesOptions(_message.Message):
     __slots__ = ("analysis", "group_series", "dicom_seg", "dicom_sr")
