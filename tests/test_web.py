@@ -30,7 +30,7 @@ from brainscan import DISCLAIMER, Client
 from brainscan.overlay import render_overlay
 from brainscan_web.screenshot import CHROMIUM, launch
 from gateway.preprocessing import decode_frames
-from tests.conftest import PROJECT_ROOT, GatewayProcess, start_gateway, stop_gateway, synthetic_slice
+from tests.conftest import PROJECT_ROOT, GatewayProcess, png_bytes, start_gateway, stop_gateway, synthetic_slice
 from tests.dicom_factory import dicom_bytes
 
 TOKEN = "web-page-test-token"
@@ -180,6 +180,17 @@ def area_text(result) -> str:
     return f"{result.segmentation_area_px} px ({fixed(result.segmentation_area_mm2, 1)} mm²)"
 
 
+def scope_text(result) -> str | None:
+    """The page's Scope line, or None where this SDK has no scope verdict (the row is then left out)."""
+    scope = getattr(result, "scope", None)
+    if scope is None:
+        return None
+    if not scope.assessed:
+        return f"Could not judge: {scope.detail or scope.reason}"
+    p = scope.in_scope_probability
+    return "Assessed" if p is None else f"Assessed (p(in scope) = {shown(p)})"
+
+
 def test_a_real_slice_shows_what_the_sdk_answers(page, sdk, data_root: Path):
     path = real_slice(data_root)
     expected = sdk.analyze(path)
@@ -191,6 +202,9 @@ def test_a_real_slice_shows_what_the_sdk_answers(page, sdk, data_root: Path):
     assert card.locator(".label").inner_text() == expected.label.replace("_", " ")
     yes_no = "Yes" if expected.tumor_detected else "No"
     assert card.locator(".tumor").inner_text() == f"{yes_no}, p(tumor) = {shown(expected.tumor_probability)}"
+    scope = scope_text(expected)
+    assert scope is None or scope.startswith("Assessed"), scope  # a real MRI slice
+    assert (card.locator(".scope").inner_text() if card.locator(".scope").count() else None) == scope
     assert card.locator(".mask-area").inner_text().startswith(area_text(expected))
 
     rows = card.locator(".probabilities tbody tr")
@@ -260,6 +274,21 @@ def test_a_multi_frame_dicom_shows_a_strip_with_the_area_per_slice(page, sdk, tm
             assert button.locator(".slice-area").inner_text() in ("no tumor", "tumor, no mask")
     strip.nth(2).click()
     assert page.evaluate("document.activeElement.id") == "slice-2"
+
+
+def test_a_slice_that_cannot_be_judged_says_so(page, sdk, tmp_path: Path):
+    """A blank frame: "could not judge" and why, never "no tumor"."""
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(png_bytes(np.full((128, 128), 7, dtype=np.uint8)))
+    expected = sdk.analyze(blank)
+    if getattr(expected, "scope", None) is None:
+        pytest.skip("this SDK's results carry no scope verdict yet")
+    assert not expected.scope.assessed
+    page.set_input_files("#file-input", str(blank))
+    wait_done(page)
+    assert page.locator(".scope").inner_text() == scope_text(expected)
+    assert page.locator(".tumor").inner_text() == "Not judged (see Scope)"
+    assert page.locator(".label").inner_text() == expected.label.replace("_", " ")
 
 
 def unlabeled_controls(page) -> list[str]:

@@ -51,26 +51,11 @@ def slice_view(result: AnalysisResult, gray: np.ndarray) -> dict[str, object]:
 
 
 def result_json(result: AnalysisResult) -> dict[str, object]:
+    """The SDK's JSON (with its scope verdict where the SDK has one), less the file name the page never sees."""
     data = result.to_json_dict()
-    data.pop("image", None)  # the page never sends the file name; app.js adds it
+    data.pop("image", None)  # app.js adds the name it kept
     data["frame"] = result.frame
-    if "scope" not in data:
-        data["scope"] = scope_json(getattr(result, "scope", None))
     return data
-
-
-def scope_json(scope: object) -> dict[str, object] | None:
-    """The scope verdict ("assessed", or "could not judge" and why), when this SDK has one."""
-    if scope is None:
-        return None
-    if isinstance(scope, str):
-        return {"verdict": scope, "reason": ""}
-    to_json = getattr(scope, "to_json_dict", None)
-    if callable(to_json):
-        return dict(to_json())
-    verdict = next((getattr(scope, n) for n in ("verdict", "status", "state", "value") if hasattr(scope, n)), scope)
-    reason = getattr(scope, "reason", "") or ""
-    return {"verdict": str(verdict), "reason": str(reason)}
 
 
 def error_view(error: BrainscanError, server: str) -> PageError:

@@ -20,17 +20,20 @@ function areaText(result) {
 }
 
 function stripAreaText(result) {
+  if (result.scope && !result.scope.assessed) return "not judged";
   const seg = result.segmentation;
   if (seg) return seg.area_mm2 === null ? `${seg.area_px} px` : `${seg.area_mm2.toFixed(1)} mm²`;
   return result.tumor_detected ? "tumor, no mask" : "no tumor";
 }
 
+// The gateway's scope verdict: "assessed", or "could not judge" and why (never read as "no tumor").
 function scopeView(scope) {
   if (!scope) return null;
-  const verdict = String(scope.verdict ?? scope.status ?? "");
-  const reason = scope.reason ? String(scope.reason) : "";
-  const assessed = verdict.toLowerCase() === "assessed";
-  return { assessed, text: assessed ? "Assessed" : `Could not judge${reason ? ": " + reason : ` (${verdict})`}` };
+  if (scope.assessed) {
+    const p = scope.in_scope_probability;
+    return { assessed: true, text: p === null || p === undefined ? "Assessed" : `Assessed (p(in scope) = ${fixed3(p)})` };
+  }
+  return { assessed: false, text: `Could not judge: ${scope.detail || scope.reason}` };
 }
 
 function showMessage(text, kind) {
@@ -135,8 +138,9 @@ function addSlice(fileName, slice, multiFrame) {
   $(".overlay", card).alt = `Overlay of ${title}: U-Net mask in red, Mask R-CNN boxes in yellow`;
 
   $(".label", card).textContent = labelText(result.label);
-  $(".tumor", card).textContent = `${result.tumor_detected ? "Yes" : "No"}, p(tumor) = ${fixed3(result.tumor_probability)}`;
   const scope = scopeView(result.scope);
+  $(".tumor", card).textContent = scope && !scope.assessed ? "Not judged (see Scope)"
+    : `${result.tumor_detected ? "Yes" : "No"}, p(tumor) = ${fixed3(result.tumor_probability)}`;
   if (scope) {
     $(".scope", card).textContent = scope.text;
     $(".scope", card).classList.toggle("not-judged", !scope.assessed);
