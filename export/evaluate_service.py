@@ -8,15 +8,23 @@ the returned label, mask and instances are compared with the truth on the
 original pixel grid:
 
 - `sartaj-classification/Testing`: accuracy of the served label, per-class
-  recall, tumor vs no_tumor accuracy of `tumor_detected`;
+  recall, tumor vs no_tumor accuracy of `tumor_detected`, and the decision's
+  sensitivity, specificity, calibration error and scope flags (a `not_assessed`
+  slice counts as "no tumor finding": as no_tumor for the label, as a negative
+  decision, and in the scope-flag share);
 - its `no_tumor` slices: the share on which a tumor, a mask or an instance is
   shown (false alarms as the user sees them);
+- `lgg-flair/val` (a tumor slice has a mask of >= 200 px; 1-199 px slices are
+  left out) and the held-out half of `head-ct/` (all negatives): sensitivity,
+  specificity, calibration error, scope flags, and on LGG the glioma share of
+  the tumors found;
 - `br35h-polygons/val`, `ruslan-kl-polygons/test`: the share with a tumor
   detected, the Dice of the served mask (0 when none is returned), and the
   share of annotated tumors that an instance box overlaps at IoU ≥ 0.5;
 
-each on the full split and its duplicate-free subset, with the client-side
-latency of every call.
+each classification split on the full split and, where the audit knows it, its
+duplicate-free subset, with the client-side latency of every call. The JSON
+goes to stdout (and --output); one summary table per source to stderr.
 """
 
 from __future__ import annotations
@@ -38,13 +46,24 @@ import numpy as np
 from tqdm import tqdm
 
 from export.datasets import CLASS_LABELS, AnnotatedSlice, default_data_root, load_classification_split, load_via_split
-from export.evaluate_keras import CLASSIFIER_SPLIT, SEGMENTATION_SPLITS, dice_and_iou, label_metrics
+from export.evaluate_keras import (
+    CLASSIFIER_SPLIT,
+    HEAD_CT_SPLIT,
+    SEGMENTATION_SPLITS,
+    SPLIT_SEED,
+    dice_and_iou,
+    label_metrics,
+)
 
 if TYPE_CHECKING:
     from brainscan.client import Client
     from brainscan.results import AnalysisResult
 
 IOU_MATCH = 0.5
+LGG_SPLIT = "lgg-flair/val"
+NO_TUMOR = CLASS_LABELS.index("no_tumor")
+UNKNOWN_TUMOR = -1  # truth "a tumor of unknown type"
+NOT_ASSESSED = "not_assessed"  # the served label of a slice out of scope (gateway.decision)
 Item = TypeVar("Item")
 
 
@@ -88,14 +107,62 @@ def serve_all(call: Callable[[Path], AnalysisResult], paths: Sequence[Path], con
         return list(tqdm(pool.map(one, paths), total=len(paths), desc=desc, unit="img"))
 
 
+def served_class(result: AnalysisResult) -> int:
+    """The served label as a class index; not_assessed is "no tumor finding"."""
+    return NO_TUMOR if result.label == NOT_ASSESSED else CLASS_LABELS.index(result.label)
+
+
+def decision_report(truth: Sequence[int], served: list[Served]) -> dict[str, object]:
+    """Sensitivity and specificity of `tumor_detected`, calibration of the served probabilities, scope flags.
+
+    truth: class index per slice, or UNKNOWN_TUMOR; scores cover the answered calls."""
+    from export.calibration import calibration_errors
+
+    rows = [(t, s.result) for t, s in zip(truth, served) if s.result is not None]
+    if not rows:
+        return {"n": 0}
+    truth_arr = np.array([t for t, _ in rows])
+    results = [r for _, r in rows]
+    detected = np.array([r.tumor_detected for r in results])
+    flagged = np.array([not r.scope.assessed for r in results])
+    probabilities = np.array([[r.probabilities[label] for label in CLASS_LABELS] for r in results])
+    positive = truth_arr != NO_TUMOR
+
+    def share(values: np.ndarray) -> float | None:
+        return round(float(values.mean()), 4) if len(values) else None
+
+    return {
+        "n": len(rows),
+        "tumor_slices": int(positive.sum()),
+        "sensitivity": share(detected[positive]),
+        "specificity": share(~detected[~positive]),
+        "scope_flagged": share(flagged),
+        "scope_reasons": dict(Counter(r.scope.reason for r in results if not r.scope.assessed)),
+        **{k: (None if v is None else round(float(v), 4)) for k, v in calibration_errors(probabilities, truth_arr, NO_TUMOR).items()},
+    }
+
+
 def classification_report(items: list[tuple[Path, str]], served: list[Served]) -> dict[str, object]:
     answered = [(label, s.result) for (_, label), s in zip(items, served) if s.result is not None]
     if not answered:
         return {"n": 0}
     truth = np.array([CLASS_LABELS.index(label) for label, _ in answered])
-    pred = np.array([CLASS_LABELS.index(result.label) for _, result in answered])
+    pred = np.array([served_class(result) for _, result in answered])
     tumor = np.array([result.tumor_detected for _, result in answered])
-    return label_metrics(truth, pred, tumor)
+    return {**label_metrics(truth, pred, tumor), **decision_report([CLASS_LABELS.index(label) for _, label in items], served)}
+
+
+def truth_report(items: list[tuple[Path, int]], served: list[Served]) -> dict[str, object]:
+    return decision_report([truth for _, truth in items], served)
+
+
+def lgg_report(items: list[tuple[Path, int]], served: list[Served]) -> dict[str, object]:
+    """The decision on LGG FLAIR slices, and which type the tumors found are given (all are gliomas)."""
+    report = decision_report([truth for _, truth in items], served)
+    found = [s.result.label for (_, truth), s in zip(items, served) if s.result is not None and truth != NO_TUMOR
+             and s.result.tumor_detected]
+    report["glioma_share_of_tumors_found"] = round(found.count("glioma") / len(found), 4) if found else None
+    return report
 
 
 def false_alarm_report(served: list[Served]) -> dict[str, object]:
@@ -118,7 +185,7 @@ def false_alarm_report(served: list[Served]) -> dict[str, object]:
 
 
 def localization_report(slices: list[AnnotatedSlice], served: list[Served]) -> dict[str, object]:
-    dices, detected, regions, found, extra = [], [], 0, 0, 0
+    dices, detected, flagged, regions, found, extra = [], [], [], 0, 0, 0
     for item, outcome in zip(slices, served):
         result = outcome.result
         if result is None:
@@ -131,6 +198,7 @@ def localization_report(slices: list[AnnotatedSlice], served: list[Served]) -> d
         served_mask = result.mask if result.mask is not None else np.zeros_like(truth)
         dices.append(dice_and_iou(served_mask, truth)[0])
         detected.append(bool(result.tumor_detected))
+        flagged.append(not result.scope.assessed)
         boxes = [instance.box for instance in result.instances]
         truth_boxes = [mask_box(mask) for mask in truth_masks if mask.any()]
         regions += len(truth_boxes)
@@ -141,6 +209,7 @@ def localization_report(slices: list[AnnotatedSlice], served: list[Served]) -> d
     return {
         "n": len(dices),
         "tumor_detected": round(float(np.mean(detected)), 4),
+        "scope_flagged": round(float(np.mean(flagged)), 4),
         "mask_dice": round(float(np.mean(dices)), 4),
         "median_mask_dice": round(float(np.median(dices)), 4),
         "tumors": regions,
@@ -176,6 +245,46 @@ def spread(items: list[Item], limit: int) -> list[Item]:
     return [items[i * len(items) // limit] for i in range(limit)]
 
 
+def lgg_items(data_root: Path) -> list[tuple[Path, int]]:
+    """lgg-flair/val: tumor slices (mask >= 200 px) as glioma, tumor-free ones as no_tumor; 1-199 px left out."""
+    from export.datasets import LGG_MIN_TUMOR_PX, load_lgg_split
+
+    glioma = CLASS_LABELS.index("glioma")
+    return [(s.path, glioma if s.tumor_px else NO_TUMOR) for s in load_lgg_split(data_root, "val")
+            if s.tumor_px == 0 or s.tumor_px >= LGG_MIN_TUMOR_PX]
+
+
+def head_ct_items(data_root: Path) -> list[tuple[Path, int]]:
+    """The head-CT half the trainings never see (by near-duplicate group): all negatives."""
+    from export.train_classifier import split_head_ct
+
+    return [(path, NO_TUMOR) for path in split_head_ct(data_root, seed=SPLIT_SEED)[1]]
+
+
+def summary_table(splits: dict[str, dict]) -> str:
+    """One line per source: the decision as served, type accuracy where the truth has types, ECE, scope flags."""
+
+    def cell(value: object) -> str:
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = [f"{'source':<44} {'n':>5} {'sens':>6} {'spec':>6} {'type acc':>8} {'ECE p(tumor)':>12} {'scope flags':>11}"]
+    for key, split in splits.items():
+        for part in ("full", "duplicate_free"):
+            report = split.get(part)
+            if not report or not report.get("n") or ("sensitivity" not in report and "mask_dice" not in report):
+                continue  # nothing to score, or the no_tumor false-alarm view (its numbers are in the JSON)
+            name = key if part == "full" else f"{key} (duplicate-free)"
+            sensitivity = report.get("sensitivity", report.get("tumor_detected") if "mask_dice" in report else None)
+            type_accuracy = report.get("accuracy", report.get("glioma_share_of_tumors_found"))
+            lines.append(
+                f"{name:<44} {report['n']:>5} {cell(sensitivity):>6} {cell(report.get('specificity')):>6} "
+                f"{cell(type_accuracy):>8} {cell(report.get('ece_tumor')):>12} {cell(report.get('scope_flagged')):>11}"
+            )
+    lines.append("type acc: 4-class accuracy on Sartaj, glioma share of the tumors found on LGG; "
+                 "not_assessed counts as no tumor finding")
+    return "\n".join(lines)
+
+
 def evaluate_service(
     client: Client, data_root: Path, *, gate: bool, concurrency: int, limit: int = 0, timeout_s: float | None = None
 ) -> dict[str, object]:
@@ -208,6 +317,14 @@ def evaluate_service(
         every_call += served
         free = [audit.is_duplicate_free(key, item.path) for item in slices]
         splits[key] = full_and_duplicate_free(localization_report, slices, served, free)
+    for key, truth_items, report in (
+        (LGG_SPLIT, lgg_items(data_root), lgg_report),
+        (HEAD_CT_SPLIT, head_ct_items(data_root), truth_report),
+    ):
+        truth_items = spread(truth_items, limit)
+        served = serve_all(call, [path for path, _ in truth_items], concurrency, key)
+        every_call += served
+        splits[key] = {**failures(served), "full": report(truth_items, served)}
     latencies = np.array([s.latency_ms for s in every_call if s.result is not None])
     return {
         "gated": gate,
@@ -274,12 +391,17 @@ def main(args: argparse.Namespace) -> int:
     report = {
         "gateway": args.server,
         "backend": info.backend,
-        "tumor_threshold": info.tumor_threshold,
+        "decision": {
+            "gate": info.decision.gate, "alone": info.decision.alone, "strong": info.decision.strong,
+            "min_mask_fraction": info.decision.min_mask_fraction, "scope_threshold": info.decision.scope_threshold,
+            "learned_scope_check": info.decision.learned_scope_check, "detection_threshold": info.detection_threshold,
+        },
         "models": {model.role: f"{model.name}:{model.version}" for model in info.models},
         **report,
     }
     text = json.dumps(report, indent=2)
     print(text)
+    print(summary_table(report["splits"]), file=sys.stderr)
     if args.output:
         Path(args.output).write_text(text + "\n")
     if report["failed"]:

@@ -34,28 +34,35 @@ def run_service_evaluation(address: str, out: Path, *extra: str) -> dict:
 
 @needs_data
 def test_served_labels_and_masks_match_the_models_run_directly(embedded_gateway, tiny_repository: Path, tmp_path: Path) -> None:
-    from export.evaluate_keras import OnnxModel, dice_and_iou, label_metrics
+    from export.calibration import calibration_errors
+    from export.evaluate_keras import OnnxModel, dice_and_iou
     from export.evaluate_service import spread
     from gateway.preprocessing import load_image_file, mask_to_original, prepare
 
     report = run_service_evaluation(embedded_gateway.address, tmp_path / "report.json", "--ungated")
     assert report["gated"] is False and report["failed"] == {}
     assert report["splits"]["br35h-polygons/val"]["sent"] == LIMIT
-    assert report["calls"] == LIMIT + LIMIT + 4  # Testing, br35h val, ruslan-kl test (4 images)
+    # Testing, br35h val, ruslan-kl test (4 images), lgg-flair val, the held-out head-CT half
+    assert report["calls"] == LIMIT + LIMIT + 4 + LIMIT + LIMIT
+    assert set(report["decision"]) >= {"gate", "alone", "strong", "min_mask_fraction", "scope_threshold"}
+    for key in ("lgg-flair/val", "head-ct/held-out"):
+        split = report["splits"][key]["full"]
+        assert split["n"] == LIMIT and 0.0 <= split["scope_flagged"] <= 1.0
+    assert report["splits"]["head-ct/held-out"]["full"]["tumor_slices"] == 0
+    assert report["splits"]["head-ct/held-out"]["full"]["sensitivity"] is None
 
+    # The served probabilities are the classifier's, run directly: their calibration errors agree.
     classifier = OnnxModel(tiny_repository, "classifier")
     items = spread(load_classification_split(DATA_ROOT, "Testing"), LIMIT)
     assert len({label for _, label in items}) == len(CLASS_LABELS)  # spread reaches every class
     probabilities = np.concatenate(
         [classifier.run(prepare(load_image_file(str(p)).pixels, classifier.size).tensor[None, ..., None]) for p, _ in items]
     )
-    no_tumor = CLASS_LABELS.index("no_tumor")
-    tumor = (1.0 - probabilities[:, no_tumor]) >= report["tumor_threshold"]
-    tumor_only = probabilities.copy()
-    tumor_only[:, no_tumor] = -1.0
-    label = np.where(tumor, tumor_only.argmax(axis=1), no_tumor)  # the gateway's label rule
     truth = np.array([CLASS_LABELS.index(name) for _, name in items])
-    assert report["splits"]["sartaj-classification/Testing"]["full"] == label_metrics(truth, label, tumor)
+    testing = report["splits"]["sartaj-classification/Testing"]["full"]
+    for key, value in calibration_errors(probabilities, truth, CLASS_LABELS.index("no_tumor")).items():
+        assert testing[key] == pytest.approx(value, abs=2e-3), key
+    assert testing["n"] == LIMIT and testing["tumor_vs_no_tumor_accuracy"] is not None
 
     unet = OnnxModel(tiny_repository, "unet")
     slices = spread(load_via_split(DATA_ROOT, "br35h-polygons", "val"), LIMIT)
