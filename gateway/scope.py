@@ -52,11 +52,13 @@ def colour_fraction(array: np.ndarray) -> float:
     """Share of pixels with strong chroma in a decoded H×W×3/4 array (0.0 for gray or 1-channel input)."""
     if array.ndim != 3 or array.shape[2] < 3:
         return 0.0
-    sample = _sample(array)[:, :, :3].astype(np.float32)
-    lo, hi = float(sample.min()), float(sample.max())
+    sample = np.ascontiguousarray(_sample(array)[:, :, :3])
+    a, b, c = sample[:, :, 0], sample[:, :, 1], sample[:, :, 2]
+    top, bottom = np.maximum(np.maximum(a, b), c), np.minimum(np.minimum(a, b), c)
+    lo, hi = float(bottom.min()), float(top.max())
     if hi - lo <= 0.0:
         return 0.0
-    spread = sample.max(axis=2) - sample.min(axis=2)
+    spread = top.astype(np.float32) - bottom.astype(np.float32)
     return float(np.count_nonzero(spread > _STRONG_CHROMA * (hi - lo)) / spread.size)
 
 
