@@ -182,6 +182,15 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+def _shared_memory_regions(pid: int) -> set[Path]:
+    """The Python backend's /dev/shm regions that process `pid` has mapped."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return set()
+    return {Path(path) for path in re.findall(r"/dev/shm/triton_python_backend_shm_region_\S+", maps)}
+
+
 def gpu_available() -> bool:
     return Path("/dev/nvidiactl").exists()
 
@@ -307,14 +316,20 @@ class LocalTriton:
             _terminate(process)
 
     def kill(self) -> None:
-        """SIGKILL the server and its backend stubs at once, as a crash would; start() brings it back."""
+        """SIGKILL the server and its backend stubs at once, as a crash would; start() brings it back.
+
+        The Python backend's shared-memory regions, which a killed server cannot remove, are removed here.
+        """
         process, self._process = self._process, None
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
         if process is not None and process.poll() is None:
+            regions = _shared_memory_regions(process.pid)
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+            for region in regions:
+                region.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Stop and remove the temporary shim repository."""

@@ -12,8 +12,9 @@ exactly those tensors (names, datatypes, shapes, max_batch_size), and is
 checked again whenever it comes back after being away.
 
 Endpoints are probed every `probe_interval_s` (server and every model ready);
-one that fails a probe, or answers a call with UNAVAILABLE, is out of rotation
-at once and back after its next good probe. Calls go to the ready endpoint
+one that refuses a probe or answers a call with UNAVAILABLE is out of rotation
+at once, one whose probes time out twice in a row too, and either is back after
+its next good probe. Calls go to the ready endpoint
 with the fewest calls in flight (round robin among equals). A call answered
 UNAVAILABLE (server gone, connection reset) is retried on another ready
 endpoint straight away, or after exponential backoff when none is, at most
@@ -49,6 +50,7 @@ from gateway.errors import BackendUnavailable, BrainscanError, ContractError, De
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # Mask R-CNN returns full-size masks per detection
+SLOW_PROBES_TO_TAKE_OUT = 2  # probes in a row that time out before a server leaves the rotation
 
 
 @dataclass(eq=False)
@@ -62,6 +64,7 @@ class Endpoint:
     verified: bool = False  # contract checked since it last came up
     in_flight: int = 0
     calls: int = 0  # answered calls
+    slow_probes: int = 0  # probes in a row that timed out
 
 
 class TritonBackend:
@@ -231,8 +234,13 @@ class TritonBackend:
             checks += [client.is_model_ready(s.name, client_timeout=timeout) for s in self.specs.values()]
             up = all(await asyncio.gather(*checks))
         except InferenceServerException as exc:
-            self._take_out(endpoint, f"probe: {_status(exc) or exc.message()}")
+            status = _status(exc)
+            endpoint.slow_probes += status == "DEADLINE_EXCEEDED"
+            # a refused connection is certain; one slow answer on a busy host is not
+            if status != "DEADLINE_EXCEEDED" or endpoint.slow_probes >= SLOW_PROBES_TO_TAKE_OUT:
+                self._take_out(endpoint, f"probe: {status or exc.message()}")
             return False
+        endpoint.slow_probes = 0
         if not up:
             self._take_out(endpoint, "server or a model not ready")
             return False
