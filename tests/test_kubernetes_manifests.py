@@ -1,19 +1,29 @@
 """docker/kubernetes/: every object validated against the Kubernetes API schemas (kubernetes-validate,
 strict: unknown fields are errors), then the cross-references no schema sees checked statically
-(selectors, ports, probes, Secrets and volumes, settings the gateway knows). No cluster here.
+(selectors, ports, probes, Secrets and volumes, settings the gateway knows), and a real gateway run
+with the manifest's settings and probed the way the kubelet probes it. No cluster here.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 from pathlib import Path
 from typing import Any
 
+import grpc
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2
 
 from gateway.config import DNS_SCHEME, SETTINGS, triton_targets
 from gateway.server import LIVENESS_SERVICE
+from tests.conftest import health_status, start_gateway, stop_gateway
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = PROJECT_ROOT / "docker" / "kubernetes"
@@ -130,3 +140,48 @@ def test_gateway_settings_probes_and_secrets_agree() -> None:
     assert [i["path"] for i in volumes["auth"]["secret"]["items"]] == [Path(settings["BRAINSCAN_AUTH_TOKEN_FILE"]).name]
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > float(settings["BRAINSCAN_GRACE_PERIOD_S"]) + 5, "preStop sleep + drain must fit the grace period"
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A server certificate for 127.0.0.1 and its key, as `kubectl create secret tls` would mount them."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "brainscan gateway")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (folder / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "tls.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return folder / "tls.crt", folder / "tls.key"
+
+
+def test_a_gateway_with_the_manifests_settings_answers_the_kubelets_plaintext_probes(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    """TLS on the service port, health alone in plaintext on the probe port; the Triton backend aside
+    (embedded here: no Triton in this test), every other setting as the manifest has it."""
+    settings = env(objects()[("Deployment", "gateway")])
+    cert, key = self_signed(tmp_path)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-token\n")
+    settings.update({
+        "BRAINSCAN_BACKEND": "embedded", "BRAINSCAN_TLS_CERT": str(cert), "BRAINSCAN_TLS_KEY": str(key),
+        "BRAINSCAN_AUTH_TOKEN_FILE": str(tokens), "BRAINSCAN_HEALTH_PORT": "0", "BRAINSCAN_METRICS_PORT": "0",
+    })  # fmt: skip
+    credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+    gateway = start_gateway(tiny_repository, tmp_path, env=settings, credentials=credentials)
+    try:
+        probe_port = gateway.log().split("plaintext health on :")[1].split()[0].rstrip(")")
+        probes = f"127.0.0.1:{probe_port}"
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert health_status(probes) == serving and health_status(probes, LIVENESS_SERVICE) == serving
+        assert health_status(gateway.address) is None, "the service port must not answer plaintext"
+        assert health_status(gateway.address, credentials=credentials) == serving
+    finally:
+        stop_gateway(gateway)
