@@ -27,7 +27,6 @@ from gateway.image_header import (
     jpeg_is_complete,
     jpeg_scans,
     looks_like_dicom,
-    png_header,
     read_header,
 )
 
@@ -306,7 +305,7 @@ def _decode(data: bytes, *, max_side: int, max_pixels: int, all_frames: bool) ->
 
 
 def _decode_png_samples(data: bytes) -> np.ndarray:
-    check_png_integrity(data, png_header(data))
+    check_png_integrity(data)
     decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if decoded is None:
         raise InvalidImage(f"image bytes could not be decoded ({len(data)} bytes; truncated or corrupt?)")
