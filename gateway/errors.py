@@ -2,10 +2,13 @@
 
     BrainscanError
     ├── InvalidImage        bad bytes, shape, dtype or size  → INVALID_ARGUMENT
+                            (also damaged data, a malformed DICOM value, more
+                            decoded pixels than one request may have)
     ├── InvalidSeries       a series that is not one stack   → INVALID_ARGUMENT
                             (mixed series, orientation/spacing differ, no order)
     ├── RequestTooLarge     over the configured request size → RESOURCE_EXHAUSTED
-    ├── Overloaded          in-flight limit reached          → RESOURCE_EXHAUSTED
+    ├── Overloaded          in-flight or in-flight pixel     → RESOURCE_EXHAUSTED
+                            limit reached (gateway.admission)
     ├── BackendUnavailable  model server down or not ready   → UNAVAILABLE
     ├── DeadlineExceeded    the caller's deadline ran out    → DEADLINE_EXCEEDED
     └── ContractError       model repository does not match  → FAILED_PRECONDITION
