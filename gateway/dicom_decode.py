@@ -242,7 +242,17 @@ class _WithholdText(logging.Filter):
 
 
 _log = logging.getLogger("brainscan.dicom")
-logging.getLogger("pydicom").addFilter(_WithholdText())
+_withhold_text = _WithholdText()
+
+
+def withhold_dicom_values_from_logs() -> None:
+    """pydicom's warnings and log records lose their text (it quotes header values) wherever pydicom is
+    used in this process (series grouping too); called at import and by configure_logging."""
+    _install_warning_hook()
+    logging.getLogger("pydicom").addFilter(_withhold_text)  # a no-op when already there
+
+
+withhold_dicom_values_from_logs()
 # pydicom's warnings would otherwise show once per call site, hiding damage in every later request.
 warnings.filterwarnings("always", module=r"pydicom(\.|$)")
 

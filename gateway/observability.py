@@ -60,6 +60,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.captureWarnings(True)
+    from gateway.dicom_decode import withhold_dicom_values_from_logs
+
+    withhold_dicom_values_from_logs()  # after captureWarnings, whose hook it wraps
 
 
 _NATIVE_LINE_CHARS = 300

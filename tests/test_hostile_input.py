@@ -12,6 +12,7 @@ import re
 import resource
 import struct
 import subprocess
+import sys
 import time
 import urllib.request
 import zlib
@@ -463,3 +464,14 @@ def test_brainscan_and_kserve_share_one_admission_limit(one_slot):
 def stub_answers(address: str, image: bytes) -> bool:
     with grpc.insecure_channel(address) as channel:
         return bool(pb_grpc.BrainScanStub(channel).Analyze(pb.AnalyzeRequest(encoded=image), timeout=30).label)
+
+
+def test_pydicom_warnings_reach_the_log_without_their_dicom_values():
+    script = (
+        "from gateway.observability import configure_logging; configure_logging('INFO', 'json')\n"
+        "from pydicom.valuerep import DS\n"
+        "try:\n    DS('Doe^Jane')\nexcept ValueError:\n    pass\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]  # every line JSON
+    assert any(r["logger"] == "pydicom" for r in records) and "Doe^Jane" not in done.stderr
