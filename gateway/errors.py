@@ -1,4 +1,6 @@
-"""Domain errors and the one table that maps them to gRPC status codes.
+"""Domain errors, plain Python (no gRPC: preprocessing and training import them).
+
+The gRPC status each one becomes (gateway/status_codes.py, beside the servicers):
 
     BrainscanError
     ├── InvalidImage        bad bytes, shape, dtype or size  → INVALID_ARGUMENT
@@ -16,8 +18,6 @@
 """
 
 from __future__ import annotations
-
-import grpc
 
 
 class BrainscanError(Exception):
@@ -50,21 +50,3 @@ class DeadlineExceeded(BrainscanError):
 
 class ContractError(BrainscanError):
     pass
-
-
-STATUS_CODES: dict[type[BrainscanError], grpc.StatusCode] = {
-    InvalidImage: grpc.StatusCode.INVALID_ARGUMENT,
-    InvalidSeries: grpc.StatusCode.INVALID_ARGUMENT,
-    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ContractError: grpc.StatusCode.FAILED_PRECONDITION,
-}
-
-
-def status_code_for(error: BrainscanError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls]
-    return grpc.StatusCode.INTERNAL

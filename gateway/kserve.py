@@ -37,7 +37,8 @@ from tritonclient.grpc import service_pb2_grpc as kgrpc
 from gateway.batching import BatchStats
 from gateway.contract import DISCLAIMER
 from gateway.admission import Admission
-from gateway.errors import BrainscanError, InvalidImage, status_code_for
+from gateway.errors import BrainscanError, InvalidImage
+from gateway.status_codes import status_code_for
 from gateway.observability import request_id_var
 from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
 

@@ -14,7 +14,8 @@ from brainscan.v1 import brainscan_pb2 as pb
 from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
 from gateway.admission import Admission
 from gateway.observability import Metrics, request_id_var
-from gateway.errors import BrainscanError, InvalidImage, status_code_for
+from gateway.errors import BrainscanError, InvalidImage
+from gateway.status_codes import status_code_for
 from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
 from gateway.postprocessing import MaskRegion
 from gateway.preprocessing import DEFAULT_MAX_SIDE, check_size

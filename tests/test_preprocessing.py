@@ -162,3 +162,17 @@ def test_header_sizes_agree_with_pillow_on_real_files():
             header = read_header(data)
             assert (header.width, header.height) == image.size
 
+
+
+def test_preprocessing_loads_neither_grpc_nor_an_ml_framework():
+    """Training imports gateway.preprocessing: it must stay pure numpy/OpenCV (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    forbidden = ["grpc", "google.protobuf", "onnxruntime", "tritonclient", "torch", "torchvision", "tensorflow", "keras"]
+    code = (
+        "import sys, gateway.preprocessing, gateway.postprocessing, gateway.scope\n"
+        f"print(sorted(m for m in {forbidden!r} if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", f"importing gateway.preprocessing loaded {loaded}"
