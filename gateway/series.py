@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.errors import InvalidSeries
+from gateway.errors import BrainscanError, InvalidImage, InvalidSeries
+from gateway.image_header import ImageHeader, check_pixel_limit
 
 ORIENTATION_TOLERANCE = 1e-3
 SPACING_TOLERANCE = 1e-3  # relative
@@ -90,6 +91,7 @@ class DicomFile:
 class Skipped:
     index: int
     reason: str
+    error: BrainscanError | None = None  # a refusal with a status (a pixel limit, undecodable data)
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,12 @@ class SeriesSummary:
     notes: tuple[str, ...]
 
 
-def read_header(index: int, data: bytes) -> DicomFile | Skipped:
-    """Parse a file's header; anything that is not a DICOM image becomes a Skipped with its reason."""
+def read_header(index: int, data: bytes, *, max_pixels: int) -> DicomFile | Skipped:
+    """Parse a file's header; anything that is not a DICOM image becomes a Skipped with its reason.
+
+    A file that decodes to more than `max_pixels` (the per-request limit, all frames) is refused
+    before one SliceHeader per frame is built: NumberOfFrames is the sender's claim.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -143,7 +149,16 @@ def read_header(index: int, data: bytes) -> DicomFile | Skipped:
     if not series_uid:
         return Skipped(index, "no SeriesInstanceUID")
     try:
+        size = ImageHeader(
+            "dicom",
+            width=int(dataset.get("Columns", 0) or 0),
+            height=int(dataset.get("Rows", 0) or 0),
+            frames=int(dataset.get("NumberOfFrames", 1) or 1),
+        )
+        check_pixel_limit(size, max_pixels)
         slices = _slices(index, dataset)
+    except InvalidImage as refused:
+        return Skipped(index, str(refused), refused)
     except (TypeError, ValueError, IndexError) as exc:
         return Skipped(index, f"malformed geometry tags ({type(exc).__name__})")
     return DicomFile(

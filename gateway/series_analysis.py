@@ -1,8 +1,13 @@
 """A call's DICOM files → analyzed series: the domain side of AnalyzeSeries.
 
-Files are analyzed slice by slice as they arrive (a few at a time, each slice
-holding one of the gateway's in-flight slots), so a call keeps only headers
-and compact masks, never a whole series of pixels. Once the last file is in,
+Files are analyzed as they arrive, a few at a time. Each file is admitted
+through the gateway's one admission limit (gateway.admission) before it is
+decoded: one in-flight slot and its decoded pixels (all frames, from its
+header), held until its last frame is analyzed, exactly as an Analyze or
+AnalyzeStream request. A file refused (over the per-request limit, checked
+as its header is read; no room in the budget across requests in flight by
+the call's deadline) is skipped with that reason and the call goes on. A call keeps only headers and
+compact masks, never a whole series of pixels. Once the last file is in,
 the slices are grouped and ordered (gateway.series), summarized, and turned
 into a DICOM SEG on request (gateway.dicom_seg).
 """
@@ -14,13 +19,13 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import AsyncContextManager
 
 import cv2
 import numpy as np
 
+from gateway.admission import Admission
 from gateway.dicom_seg import measurement_report_bytes, segmentation_bytes
-from gateway.errors import BrainscanError, InvalidImage, InvalidSeries, RequestTooLarge
+from gateway.errors import BrainscanError, InvalidImage, InvalidSeries, Overloaded, RequestTooLarge
 from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
 from gateway.series import (
     DicomFile,
@@ -70,11 +75,13 @@ class SeriesAnalyzer:
         group_series: bool,
         dicom_seg: bool,
         dicom_sr: bool = False,
-        slot: Callable[[], AsyncContextManager[None]],
+        admission: Admission,
+        time_remaining: Callable[[], float | None],
     ) -> None:
         self.pipeline, self.options = pipeline, options
         self.group_series, self.dicom_seg, self.dicom_sr = group_series, dicom_seg or dicom_sr, dicom_sr
-        self._slot = slot
+        self._admission = admission  # the gateway's one limit, shared with Analyze and KServe
+        self._time_remaining = time_remaining  # the call's deadline
         self._files: list[DicomFile] = []
         self._skipped: list[Skipped] = []
         self._analyses: dict[tuple[int, int], Analysis] = {}
@@ -90,7 +97,7 @@ class SeriesAnalyzer:
             raise RequestTooLarge(f"more than {MAX_FILES} files in one AnalyzeSeries call; send the series in parts")
         await self._room.acquire()  # bounds the bytes held: at most FILES_AT_ONCE files wait or run
         try:
-            header = await asyncio.to_thread(read_header, index, data)
+            header = await asyncio.to_thread(read_header, index, data, max_pixels=self._admission.max_request_pixels)
             if isinstance(header, Skipped):
                 self._skipped.append(header)
                 self._room.release()
@@ -132,18 +139,17 @@ class SeriesAnalyzer:
 
     async def _analyze_file(self, file: DicomFile, data: bytes) -> None:
         try:
-            try:
+            async with self._admission.admit_image(data, self._time_remaining()):
                 frames = await self.pipeline.decode(data, all_frames=True)
-            except InvalidImage as error:
-                self._skipped.append(Skipped(file.index, str(error)))
-                return
-            del data
-            if len(frames) != len(file.slices):
-                self._skipped.append(Skipped(file.index, f"{len(frames)} frames decoded, {len(file.slices)} in the header"))
-                return
-            for frame, decoded in enumerate(frames):
-                async with self._slot():
+                if len(frames) != len(file.slices):
+                    self._skipped.append(
+                        Skipped(file.index, f"{len(frames)} frames decoded, {len(file.slices)} in the header")
+                    )
+                    return
+                for frame, decoded in enumerate(frames):
                     self._analyses[(file.index, frame)] = await self.pipeline.analyze_decoded(decoded, self.options)
+        except (InvalidImage, Overloaded) as error:  # refused at admission, or undecodable
+            self._skipped.append(Skipped(file.index, str(error), error))
         finally:
             self._room.release()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -139,7 +138,8 @@ class BrainScanService(pb_grpc.BrainScanServicer):
                     group_series=series_options.group_series,
                     dicom_seg=series_options.dicom_seg,
                     dicom_sr=series_options.dicom_sr,
-                    slot=lambda: self._slot(context.time_remaining()),
+                    admission=self.admission,
+                    time_remaining=context.time_remaining,
                 )
             file_ids.append(request.file_id)
             await analyzer.add(request.dicom)
@@ -159,10 +159,6 @@ class BrainScanService(pb_grpc.BrainScanServicer):
 
     def _image(self, request: pb.AnalyzeRequest) -> bytes | np.ndarray:
         return image_from_request(request, max_side=self.pipeline.config.max_image_side)
-
-    def _slot(self, timeout_s: float | None) -> contextlib.AbstractAsyncContextManager[None]:
-        """An in-flight slot of the shared admission limit (AnalyzeSeries takes one per slice)."""
-        return self.admission.admit(0, timeout_s)
 
 
 def options_from_request(request: pb.AnalyzeRequest) -> AnalysisOptions:
@@ -251,7 +247,8 @@ def series_response(
     outcomes: list[SeriesOutcome], skipped: list[Skipped], file_ids: list[str], versions: dict[str, str]
 ) -> pb.AnalyzeSeriesResponse:
     response = pb.AnalyzeSeriesResponse(
-        skipped=[pb.SkippedFile(file_id=file_ids[s.index], reason=s.reason) for s in skipped], disclaimer=DISCLAIMER
+        skipped=[pb.SkippedFile(file_id=file_ids[s.index], reason=_skip_reason(s)) for s in skipped],
+        disclaimer=DISCLAIMER,
     )
     for outcome in outcomes:
         result = response.series.add(series_instance_uid=outcome.series_uid)
@@ -287,3 +284,8 @@ def series_response(
             if analyzed.position_mm is not None:
                 item.position_mm = analyzed.position_mm
     return response
+
+
+def _skip_reason(skipped: Skipped) -> str:
+    """A refused file's reason starts with its status (RESOURCE_EXHAUSTED: retry later; INVALID_ARGUMENT: not)."""
+    return skipped.reason if skipped.error is None else f"{status_code_for(skipped.error).name}: {skipped.reason}"

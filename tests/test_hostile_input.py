@@ -25,7 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.encaps import encapsulate
+from pydicom.uid import generate_uid
 
+from bench.dicom_series import mr_series
 from brainscan.v1 import brainscan_pb2 as pb
 from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
 from gateway.admission import Admission
@@ -339,6 +341,63 @@ def test_stream_refuses_an_over_budget_series_before_decoding_and_goes_on(guarde
     assert responses[0].image_id == "big" and responses[0].error.code == "INVALID_ARGUMENT"
     assert "20 frames of 128×128" in responses[0].error.message
     assert [(r.image_id, r.frame, r.error.code) for r in responses[1:]] == [("ok", 0, ""), ("ok", 1, ""), ("ok", 2, "")]
+
+
+def claiming_frames(data: bytes, frames: int) -> bytes:
+    """The DICOM with NumberOfFrames set to `frames` but still one frame of pixel data."""
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    dataset.NumberOfFrames = frames
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _series(gateway, files: dict[str, bytes], timeout: float | None = 30.0) -> pb.AnalyzeSeriesResponse:
+    requests = [pb.AnalyzeSeriesRequest(dicom=data, file_id=name) for name, data in files.items()]
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = pb_grpc.BrainScanStub(channel)
+        return stub.AnalyzeSeries(iter(requests), metadata=[("authorization", f"Bearer {TOKEN}")], timeout=timeout)
+
+
+def test_series_file_whose_header_claims_huge_pixels_is_skipped_before_decoding_and_the_series_goes_on(guarded):
+    files = mr_series(np.stack([SLICE] * 3))
+    huge = claiming_frames(files[1], 1_000_000)  # 16.4 G pixels claimed; decoding would fail on the data instead
+    response = _series(guarded, {"a": files[0], "huge": huge, "b": files[2]})
+    ((file_id, reason),) = [(s.file_id, s.reason) for s in response.skipped]
+    assert file_id == "huge"
+    assert reason.startswith("INVALID_ARGUMENT: image decodes to 16384000000 pixels (1000000 frames of 128×128)")
+    assert f"per-request decoded-pixel limit is {REQUEST_PIXELS} (BRAINSCAN_MAX_REQUEST_PIXELS)" in reason
+    (series,) = response.series
+    assert not series.error.code and [s.file_id for s in series.slices] == ["a", "b"]
+
+
+def test_series_files_take_their_pixels_from_the_budget_shared_with_analyze(guarded):
+    """Two AnalyzeStream requests hold 2 × 299,008 of the 600,000 in-flight pixels: a series file of 64² is refused
+    (no deadline: at once) and reported as skipped, one of 32² is analyzed, and so is the budget's Analyze refusal."""
+    holder = dicom_bytes(np.repeat(synthetic_slice(32).astype(np.uint16)[None] * 16, 292, axis=0))  # 292 × 32²
+    uid = generate_uid()
+    fits = mr_series(synthetic_slice(32).astype(np.uint16)[None] * 16, series_uid=uid)[0]  # 1,024 pixels
+    too_big = mr_series(synthetic_slice(64).astype(np.uint16)[None] * 16, series_uid=uid, positions_mm=[5.0])[0]
+    probe = pb.AnalyzeRequest(encoded=png_bytes(synthetic_slice(48)))  # 2,304 pixels > the 1,984 left
+    metadata = [("authorization", f"Bearer {TOKEN}")]
+    with grpc.insecure_channel(guarded.address) as channel:
+        stub = pb_grpc.BrainScanStub(channel)
+        holders = [stub.AnalyzeStream(iter([pb.AnalyzeRequest(encoded=holder)]), metadata=metadata, timeout=120)
+                   for _ in range(2)]
+        assert [next(stream).error.code for stream in holders] == ["", ""]  # both admitted, held to their last frame
+        response = _series(guarded, {"fits": fits, "too big": too_big}, timeout=None)
+        with pytest.raises(grpc.RpcError) as refused:  # still held after the series call: held all through it
+            stub.Analyze(probe, metadata=metadata)
+        for stream in holders:
+            stream.cancel()  # their pixels go back to the budget
+        assert stub.Analyze(probe, metadata=metadata, timeout=30).label  # the budget is whole again
+    budget = "decoded-pixel budget for requests in flight (600000 pixels, BRAINSCAN_MAX_INFLIGHT_PIXELS)"
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and budget in refused.value.details()
+    ((file_id, reason),) = [(s.file_id, s.reason) for s in response.skipped]
+    assert file_id == "too big" and reason.startswith("RESOURCE_EXHAUSTED: ") and budget in reason
+    assert "this request's 4096" in reason
+    (series,) = response.series
+    assert not series.error.code and [s.file_id for s in series.slices] == ["fits"]
 
 
 def test_auth_comes_first_and_refused_calls_are_counted_and_logged(guarded):

@@ -22,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from bench.dicom_series import mr_series
 from brainscan import AsyncClient, Client, InvalidInput
 from gateway.errors import InvalidSeries
+from gateway.preprocessing import DEFAULT_MAX_REQUEST_PIXELS
 from gateway.series import SliceFinding, Skipped, group_by_series, order_series, read_header, summarize
 from tests.dicom_factory import dicom_bytes
 from tests.test_cli_and_server import brainscan
@@ -44,7 +45,7 @@ def stack(count: int, size: int = 64, seed: int = 0) -> np.ndarray:
 
 
 def ordered(files: list[bytes]):
-    headers = [read_header(i, data) for i, data in enumerate(files)]
+    headers = [read_header(i, data, max_pixels=DEFAULT_MAX_REQUEST_PIXELS) for i, data in enumerate(files)]
     ((uid, members),) = group_by_series(headers).items()
     return order_series(uid, members)
 
@@ -134,7 +135,7 @@ def test_non_images_are_skipped_with_a_reason():
         dicom_bytes(None): "no pixel data",
     }
     for data, reason in cases.items():
-        skipped = read_header(0, data)
+        skipped = read_header(0, data, max_pixels=DEFAULT_MAX_REQUEST_PIXELS)
         assert isinstance(skipped, Skipped) and reason in skipped.reason
         assert PATIENT_NAME not in skipped.reason
 
