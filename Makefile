@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup serve test system-deps node-deps proto
 
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -r requirements.txt
 	$(VENV)/bin/pip install --no-deps -r requirements-nodeps.txt
 	$(VENV)/bin/pip install --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip install --no-deps --no-build-isolation -e clients
 	touch $@
 
 # perf_analyzer (shipped in the tritonclient wheel) links libb64; dicom3tools' dciodvfy checks the DICOM SEG in tests;
@@ -32,10 +33,10 @@ node-deps: $(NODE_STAMP)
 setup: $(STAMP) system-deps node-deps
 
 serve: setup
-	$(VENV)/bin/brainscan serve
+	$(VENV)/bin/brainscan-server
 
 test: setup
 	$(PY) -m pytest -q -rs
 
 proto: setup
-	$(PY) -m brainscan.protogen
+	$(PY) -m brainscan_proto.protogen

@@ -1,4 +1,4 @@
-"""`brainscan bench ab` / `python -m bench.ab --baseline REV`: this checkout's gateway
+"""`python -m bench ab` / `python -m bench.ab --baseline REV`: this checkout's gateway
 against another revision's, side by side in one run.
 
 On a shared machine the speed drifts between minutes by more than a code

@@ -1,4 +1,4 @@
-"""Synthetic MR series as DICOM files (pydicom), for `brainscan bench series` and the tests."""
+"""Synthetic MR series as DICOM files (pydicom), for `python -m bench series` and the tests."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`python -m bench.hostile_memory`: the gateway's memory under a mix of worst-case inputs.
 
-Starts `brainscan serve` (embedded backend, default settings unless --env says
+Starts `brainscan-server` (embedded backend, default settings unless --env says
 otherwise), measures its idle RSS after one warm-up request, then sends a
 shuffled mix at concurrency 32: decompression bombs and header lies that must be
 refused from the header, images just inside the per-request decoded-pixel budget
@@ -36,8 +36,8 @@ import numpy as np
 
 from bench import processes
 from bench.dicom_series import mr_series
-from brainscan.v1 import brainscan_pb2 as pb
-from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+from brainscan_proto.v1 import brainscan_pb2 as pb
+from brainscan_proto.v1 import brainscan_pb2_grpc as pb_grpc
 from gateway.config import PROJECT_ROOT, GatewayConfig
 from gateway.triton_bench import default_images, find_images
 

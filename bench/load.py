@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from brainscan.v1 import brainscan_pb2 as pb
-from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+from brainscan_proto.v1 import brainscan_pb2 as pb
+from brainscan_proto.v1 import brainscan_pb2_grpc as pb_grpc
 
 Call = Callable[[int, int], Awaitable[None]]
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024

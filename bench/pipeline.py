@@ -1,4 +1,4 @@
-"""`brainscan bench pipeline` / `python -m bench.pipeline`: what the gateway costs on top of the models.
+"""`python -m bench pipeline` / `python -m bench.pipeline`: what the gateway costs on top of the models.
 
 One run, one machine, the same real slices (Sartaj `Testing/` by default),
 every slice through all three models (ungated requests), measures:

@@ -66,18 +66,23 @@ def _serving(address: str) -> bool:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def server_module(code: Path) -> list[str]:
+    """How the code under `code` starts a gateway: `python -m gateway`, or `brainscan serve` in revisions before it."""
+    return ["-m", "gateway"] if (code / "gateway" / "__main__.py").is_file() else ["-m", "brainscan.cli", "serve"]
+
+
 @contextlib.contextmanager
 def gateway(
     repository: Path, workdir: Path, *, backend: str = "embedded", triton_url: str | None = None,
     env: dict[str, str] | None = None, cwd: Path | None = None, started: Callable[[int], None] | None = None,
 ) -> Iterator[str]:
-    """`brainscan serve` on a free loopback port; yields its address once health says SERVING.
+    """`brainscan-server` on a free loopback port; yields its address once health says SERVING.
 
     `cwd` (default: this checkout) is where `python -m` finds the gateway's code; `started` is called
     with the gateway's process id (to watch its memory).
     """
     log_path = workdir / f"gateway-{backend}.log"
-    command = [sys.executable, "-m", "brainscan.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+    command = [sys.executable, *server_module(cwd or PROJECT_ROOT), "--host", "127.0.0.1", "--port", "0",
                "--backend", backend, "--model-repository", str(repository)]
     if triton_url:
         command += ["--triton-url", triton_url]
@@ -101,7 +106,7 @@ def gateway(
 
 @contextlib.contextmanager
 def local_triton(repository: Path, workdir: Path, *, cwd: Path | None = None) -> Iterator[str]:
-    """`brainscan triton` (the code under `cwd`, default this checkout) on free ports; yields its gRPC address."""
+    """`python -m gateway.triton_local` (the code under `cwd`, default this checkout) on free ports; yields its gRPC address."""
     log_path = workdir / "triton.log"
     command = [sys.executable, "-m", "gateway.triton_local", "--model-repository", str(repository),
                "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]

@@ -1,4 +1,4 @@
-"""`brainscan bench series` / `python -m bench.series`: one DICOM series end to end.
+"""`python -m bench series` / `python -m bench.series`: one DICOM series end to end.
 
 A 24-slice 512×512 MR series (real Testing slices, by default, resized and
 stored as 12-bit DICOM with positions 5 mm apart) goes through the gateway's

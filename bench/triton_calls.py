@@ -5,7 +5,7 @@ gateway's Triton backend (over gRPC to a Triton server) take turns on the same
 prepared tensors, one call at a time; the median of the per-call differences is
 what the Triton hop adds to that model (gRPC, Triton's scheduler and, on the
 local server, the Python-backend shim). Without `--triton-url` a local Triton
-(`brainscan triton`) is started over the same repository.
+(`python -m gateway.triton_local`) is started over the same repository.
 
 Research use only; not a medical device.
 """

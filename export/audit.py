@@ -1,4 +1,4 @@
-"""Near-duplicate audit across the shared datasets (`brainscan data audit`).
+"""Near-duplicate audit across the shared datasets (`python -m export data audit`).
 
 Two slices are near-duplicates when, after cropping each to its bright
 bounding box (`find_brain_box`), resizing to 32×32 and z-scoring, their

@@ -1,4 +1,4 @@
-"""Argument checks shared by the `brainscan evaluate` commands: fail at once, with a message,
+"""Argument checks shared by the `python -m export evaluate` commands: fail at once, with a message,
 instead of with a traceback after minutes of work."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Error galleries for `brainscan evaluate --errors DIR`: what the model got wrong, to look at.
+"""Error galleries for `python -m export evaluate --errors DIR`: what the model got wrong, to look at.
 
 Metrics say how often a model fails; a contact sheet of the failures says why
 (a scanner, a sequence or a view the training data lacks). For each group of

@@ -1,4 +1,4 @@
-"""`brainscan evaluate maskrcnn`: COCO box/mask AP and the false-positive rate, as served.
+"""`python -m export evaluate maskrcnn`: COCO box/mask AP and the false-positive rate, as served.
 
 Each slice takes the gateway's path: `prepare(S)` → model → boxes and masks
 mapped back to original pixels (`boxes_to_original`, `mask_to_original`), and
@@ -201,7 +201,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N slices of each split (smoke tests); 0 = all")
     parser.add_argument("--output", "--out", dest="out", type=Path, default=None,
                         help=f"where to write the metrics JSON (default {DEFAULT_OUT.relative_to(REPO_ROOT)}, which "
-                        "`brainscan export maskrcnn` puts in the model card; with --limit, only where given)")
+                        "`python -m export export maskrcnn` puts in the model card; with --limit, only where given)")
     parser.add_argument("--errors", type=Path, default=None, metavar="DIR",
                         help="also write an error gallery to DIR: a contact sheet per kind of error and errors.csv")
     return parser
@@ -212,7 +212,7 @@ def main(args: argparse.Namespace) -> int:
     from export.cli_checks import DATA_HINT, argument_problem, fail
     from gateway.errors import BrainscanError
 
-    prog = "brainscan evaluate maskrcnn"
+    prog = "python -m export evaluate maskrcnn"
     if problem := argument_problem(data=args.data, output=args.out, errors_dir=args.errors, limit=args.limit):
         return fail(prog, problem)
     # A smoke run (--limit) must not replace the full evaluation the model card is built from.
@@ -226,7 +226,7 @@ def main(args: argparse.Namespace) -> int:
         source = f"onnx:{args.onnx}"
     else:
         if not Path(args.checkpoint).is_file():
-            return fail(prog, f"checkpoint {args.checkpoint} not found; run `brainscan train maskrcnn` first")
+            return fail(prog, f"checkpoint {args.checkpoint} not found; run `python -m export train maskrcnn` first")
         run, size = torch_runner(args.checkpoint, args.device)
         source = f"checkpoint:{args.checkpoint}"
     try:

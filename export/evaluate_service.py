@@ -1,6 +1,6 @@
-"""`brainscan evaluate service`: the evaluation splits sent through a running gateway, scored as served.
+"""`python -m export evaluate service`: the evaluation splits sent through a running gateway, scored as served.
 
-The per-model evaluations (`brainscan evaluate classifier|unet|maskrcnn`) score
+The per-model evaluations (`python -m export evaluate classifier|unet|maskrcnn`) score
 each ONNX file alone. This one scores what a hospital client actually gets: each
 file goes over gRPC through the Python SDK (`Client.analyze`), the classifier's
 gate decides whether the U-Net and Mask R-CNN run (unless `--ungated`), and
@@ -348,7 +348,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         description="Send every evaluation split through a running gateway and score what it returns, as served. "
-        "Start one first: brainscan serve."
+        "Start one first: brainscan-server."
     )
     add_connection_flags(parser)
     parser.add_argument("--data", type=Path, default=default_data_root(), help="datasets root (default: $BRAINSCAN_DATA or ../shared/datasets)")
@@ -367,7 +367,7 @@ def main(args: argparse.Namespace) -> int:
 
     from export.cli_checks import DATA_HINT, argument_problem, fail
 
-    prog = "brainscan evaluate service"
+    prog = "python -m export evaluate service"
     if problem := argument_problem(data=args.data, output=args.output, limit=args.limit):
         return fail(prog, problem)
     if args.concurrency < 1:
@@ -376,7 +376,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             info = client.model_info()
         except ServerUnavailable as error:
-            return fail(prog, f"no gateway answering at {args.server} ({error}); start one with `brainscan serve`")
+            return fail(prog, f"no gateway answering at {args.server} ({error}); start one with `brainscan-server`")
         except BrainscanError as error:
             return fail(prog, f"the gateway at {args.server} refused: {error}")
         labels = {label for model in info.models if model.role == "classifier" for label in model.labels}

@@ -127,7 +127,7 @@ def write_model_card(
     ]
     for title, body in sections.items():
         lines += [f"## {title}", "", body.strip(), ""]
-    lines += ["## Metrics (as computed by `brainscan evaluate`)", "", "```json", json.dumps(metrics, indent=2), "```", ""]
+    lines += ["## Metrics (as computed by `python -m export evaluate`)", "", "```json", json.dumps(metrics, indent=2), "```", ""]
     path = repository / name / "MODEL_CARD.md"
     path.write_text("\n".join(lines))
     return path

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from brainscan.v1 import brainscan_pb2, brainscan_pb2_grpc
+from brainscan_proto.v1 import brainscan_pb2, brainscan_pb2_grpc
 from gateway import kserve
 from gateway.admission import Admission
 from gateway.backends.base import Backend

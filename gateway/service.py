@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
-from brainscan.v1 import brainscan_pb2 as pb
-from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+from brainscan_proto.v1 import brainscan_pb2 as pb
+from brainscan_proto.v1 import brainscan_pb2_grpc as pb_grpc
 from gateway.admission import Admission
 from gateway.observability import Metrics, request_id_var
 from gateway.errors import BrainscanError, InvalidImage

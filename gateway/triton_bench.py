@@ -1,4 +1,4 @@
-"""`brainscan bench triton`: perf_analyzer against each model on a Triton server.
+"""`python -m bench triton`: perf_analyzer against each model on a Triton server.
 
 Input data are real slices run through the gateway's own preprocessing
 (brain crop → resize to the model's input size → normalize), written as
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace, url: str, specs: dict[str, ModelSpec]) -> str:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="brainscan bench triton",
+        prog="python -m bench triton",
         description=(
             "Load-test each model on a Triton server with perf_analyzer, using real preprocessed slices. "
             "Research use only; not a medical device."

@@ -1,4 +1,4 @@
-"""A real Triton server on this machine: `brainscan triton`.
+"""A real Triton server on this machine: `python -m gateway.triton_local`.
 
 The tritonserver binary bundled in `nvidia-pytriton` has no ONNX Runtime
 backend, so `LocalTriton` builds, in a temporary folder, a shim repository over
@@ -477,12 +477,12 @@ def diagnose(log: str) -> str:
     return errors[0] if errors else ""
 
 
-# --- `brainscan triton` ----------------------------------------------------
+# --- `python -m gateway.triton_local` ----------------------------------------------------
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="brainscan triton",
+        prog="python -m gateway.triton_local",
         description=(
             "Run a local Triton Inference Server over the model repository (Python-backend shims "
             "around the ONNX files), bound to 127.0.0.1. Research use only; not a medical device."

@@ -67,10 +67,10 @@ def start_gateway(
     env: dict[str, str] | None = None, timeout_s: float = 90.0,
     credentials: grpc.ChannelCredentials | None = None,
 ) -> GatewayProcess:
-    """Start `brainscan serve --port 0` and wait until health says SERVING."""
+    """Start `brainscan-server --port 0` and wait until health says SERVING."""
     log_path = log_dir / f"gateway-{backend}-{time.monotonic_ns()}.log"
     command = [
-        sys.executable, "-m", "brainscan.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", "0",
         "--backend", backend, "--model-repository", str(repository), *(extra or []),
     ]
     handle = log_path.open("w")

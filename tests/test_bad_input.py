@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from brainscan import Client, InvalidInput
-from brainscan.v1 import brainscan_pb2 as pb
-from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+from brainscan_proto.v1 import brainscan_pb2 as pb
+from brainscan_proto.v1 import brainscan_pb2_grpc as pb_grpc
 from tests.conftest import png_bytes, start_gateway, stop_gateway, synthetic_slice
 from tests.dicom_factory import dicom_bytes
 

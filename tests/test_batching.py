@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from bench.processes import batch_histograms
-from brainscan.v1 import brainscan_pb2 as pb
-from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+from brainscan_proto.v1 import brainscan_pb2 as pb
+from brainscan_proto.v1 import brainscan_pb2_grpc as pb_grpc
 from gateway.backends.embedded import EmbeddedBackend, ThreadBudget
 from tests.conftest import PROJECT_ROOT, png_bytes, slice_folder, start_gateway, stop_gateway, synthetic_slice
 

@@ -16,8 +16,16 @@ from tests.conftest import PROJECT_ROOT, health_status, png_bytes, synthetic_sli
 
 
 def brainscan(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The SDK's `brainscan` command."""
     return subprocess.run(
         [sys.executable, "-m", "brainscan.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT_ROOT
+    )
+
+
+def brainscan_server(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`brainscan-server` (python -m gateway)."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT_ROOT
     )
 
 
@@ -91,9 +99,9 @@ def test_cli_analyze_reports_an_unreachable_server(tmp_path):
 
 
 def test_help_says_research_use_only():
-    done = brainscan("--help")
-    assert done.returncode == 0
-    assert "Not a medical device" in done.stdout
+    for done in (brainscan("--help"), brainscan_server("--help")):
+        assert done.returncode == 0
+        assert "Not a medical device" in done.stdout
 
 
 def test_gateway_refuses_to_start_on_a_contract_mismatch(tiny_repository, tmp_path):
@@ -101,7 +109,7 @@ def test_gateway_refuses_to_start_on_a_contract_mismatch(tiny_repository, tmp_pa
     shutil.copytree(tiny_repository, broken)
     config = broken / "unet" / "config.pbtxt"
     config.write_text(config.read_text().replace('name: "mask"', 'name: "segmentation"'))
-    done = brainscan("serve", "--port", "0", "--model-repository", str(broken), timeout=120)
+    done = brainscan_server("--port", "0", "--model-repository", str(broken), timeout=120)
     assert done.returncode == 1
     assert "expected output 'mask'" in done.stderr
 
@@ -110,18 +118,18 @@ def test_gateway_refuses_an_onnx_file_that_disagrees_with_its_config(tiny_reposi
     broken = tmp_path / "repo"
     shutil.copytree(tiny_repository, broken)
     shutil.copy(broken / "unet" / "1" / "model.onnx", broken / "classifier" / "1" / "model.onnx")
-    done = brainscan("serve", "--port", "0", "--model-repository", str(broken), timeout=120)
+    done = brainscan_server("--port", "0", "--model-repository", str(broken), timeout=120)
     assert done.returncode == 1
     assert "classifier" in done.stderr and "ONNX" in done.stderr
 
 
 def test_gateway_reports_a_missing_repository(tmp_path):
-    done = brainscan("serve", "--port", "0", "--model-repository", str(tmp_path / "nowhere"))
+    done = brainscan_server("--port", "0", "--model-repository", str(tmp_path / "nowhere"))
     assert done.returncode == 1
     assert "does not exist" in done.stderr
 
 
 def test_generated_proto_code_is_fresh():
-    from brainscan.protogen import stale_files
+    from brainscan_proto.protogen import stale_files
 
-    assert stale_files() == [], "run `python -m brainscan.protogen` and commit the result"
+    assert stale_files() == [], "run `python -m brainscan_proto.protogen` and commit the result"

@@ -248,8 +248,8 @@ def test_a_head_ct_the_learned_check_rejects_is_not_assessed(strict_scope_gatewa
     import grpc
 
     from brainscan import Client
-    from brainscan.v1 import brainscan_pb2 as pb
-    from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+    from brainscan_proto.v1 import brainscan_pb2 as pb
+    from brainscan_proto.v1 import brainscan_pb2_grpc as pb_grpc
 
     with Client(strict_scope_gateway.address) as client:
         assert client.model_info().decision.scope_threshold == 1.0  # the environment override

@@ -1,4 +1,4 @@
-"""`brainscan evaluate service`: the evaluation splits through a real gateway, scored as served.
+"""`python -m export evaluate service`: the evaluation splits through a real gateway, scored as served.
 
 The served answers must equal the models run directly on the same files (the
 tiny random-weight repository): a parity check of serving against evaluation.
@@ -106,7 +106,7 @@ def test_failed_calls_are_counted_per_split_and_fail_the_run(embedded_gateway, t
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--server", "127.0.0.1:1"], "start one with `brainscan serve`"),
+        (["--server", "127.0.0.1:1"], "start one with `brainscan-server`"),
         (["--limit", "-1"], "--limit must be 0"),
         (["--output", "."], "is a folder"),
         (["--concurrency", "0"], "--concurrency must be at least 1"),

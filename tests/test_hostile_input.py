@@ -28,8 +28,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
 from bench.dicom_series import mr_series
-from brainscan.v1 import brainscan_pb2 as pb
-from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+from brainscan_proto.v1 import brainscan_pb2 as pb
+from brainscan_proto.v1 import brainscan_pb2_grpc as pb_grpc
 from gateway.admission import Admission
 from gateway.errors import InvalidImage, Overloaded
 from gateway.preprocessing import decode_frames, decode_image

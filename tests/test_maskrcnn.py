@@ -221,7 +221,7 @@ def test_exported_repository_config_is_valid_if_present() -> None:
 
     model_dir = REPO_ROOT / "model_repository" / "maskrcnn"
     if not (model_dir / "config.pbtxt").is_file():
-        pytest.skip("no exported maskrcnn in model_repository (run `brainscan export maskrcnn`)")
+        pytest.skip("no exported maskrcnn in model_repository (run `python -m export export maskrcnn`)")
     spec = load_model_spec(model_dir)
     validate_role(spec, "maskrcnn")
     assert spec.onnx_path.is_file() and spec.onnx_path.stat().st_size <= 40 * 2**20

@@ -340,11 +340,11 @@ def test_pipeline_bench_pairs_the_triton_gateway(running_triton: LocalTriton, ti
 
 
 def test_triton_calls_bench_reports_each_models_paired_cost(running_triton: LocalTriton, tiny_repository: Path, tmp_path: Path) -> None:
-    """`brainscan bench triton-calls` times every model in-process and through Triton, turn about."""
+    """`python -m bench triton-calls` times every model in-process and through Triton, turn about."""
     images = slice_folder(tmp_path / "images", 2, 200)
     out = tmp_path / "calls.json"
     command = [
-        sys.executable, "-m", "brainscan.cli", "bench", "triton-calls", "--triton-url", running_triton.grpc_url,
+        sys.executable, "-m", "bench", "triton-calls", "--triton-url", running_triton.grpc_url,
         "--model-repository", str(tiny_repository), "--images", str(images), "--rounds", "4", "--out", str(out),
     ]
     result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)

@@ -1,7 +1,7 @@
 """Past one Triton: one gateway over two real tritonservers, one of them killed under load.
 
 Both servers are local tritonservers (gateway/triton_local.py) on free loopback
-ports; the gateway is a real `brainscan serve --backend triton` process with
+ports; the gateway is a real `brainscan-server --backend triton` process with
 both in --triton-url; the load comes through the SDK. Which server answered is
 read from each Triton's own statistics, not from the gateway.
 """

@@ -29,7 +29,7 @@ from PIL import Image
 from brainscan import DISCLAIMER, Client
 from brainscan.overlay import render_overlay
 from brainscan_web.screenshot import CHROMIUM, launch
-from gateway.preprocessing import decode_frames
+from brainscan.pictures import decode_frames
 from tests.conftest import PROJECT_ROOT, GatewayProcess, png_bytes, start_gateway, stop_gateway, synthetic_slice
 from tests.dicom_factory import dicom_bytes
 
@@ -225,7 +225,7 @@ def test_a_real_slice_shows_what_the_sdk_answers(page, sdk, data_root: Path):
         assert instance_rows.inner_text() == ("none found" if expected.detection_ran else "not run")
 
     # The overlay is the SDK's own drawing of the SDK's answer on the decoded slice, pixel for pixel.
-    gray = decode_frames(path.read_bytes())[0].pixels
+    gray = decode_frames(path.read_bytes())[0]
     overlay = data_url_image(card.locator("img.overlay").get_attribute("src"))
     np.testing.assert_array_equal(overlay, np.asarray(render_overlay(gray, expected)))
     original = data_url_image(card.locator("img.original").get_attribute("src"))

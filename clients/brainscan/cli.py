@@ -1,4 +1,7 @@
-"""`brainscan`: serve, analyze, and the model lifecycle (train / evaluate / export).
+"""`brainscan`: the SDK's command line: analyze files against a running gateway, show its models, a web page.
+
+Serving is `brainscan-server` (gateway/cli.py); training, export and evaluation
+`python -m export`; benchmarks `python -m bench`.
 
 Research use only. Not a medical device; not for diagnosis or treatment decisions.
 """
@@ -6,38 +9,13 @@ Research use only. Not a medical device; not for diagnosis or treatment decision
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
 
 from brainscan.results import DISCLAIMER
 
-# (command, model) → module exposing get_args_parser() and main(args). The
-# modules are imported only when used: TensorFlow and torchvision must never
-# meet in one process, and `brainscan --help` should stay fast.
-DELEGATED: dict[tuple[str, str], tuple[str, bool]] = {
-    # value: (module, whether the model name is passed on as a positional argument)
-    ("train", "classifier"): ("export.train_classifier", False),
-    ("train", "unet"): ("export.train_unet", False),
-    ("train", "maskrcnn"): ("export.train_maskrcnn", False),
-    ("export", "classifier"): ("export.export_keras", True),
-    ("export", "unet"): ("export.export_keras", True),
-    ("export", "maskrcnn"): ("export.export_maskrcnn", False),
-    ("evaluate", "classifier"): ("export.evaluate_keras", True),
-    ("evaluate", "unet"): ("export.evaluate_keras", True),
-    ("evaluate", "maskrcnn"): ("export.evaluate_maskrcnn", False),
-    ("evaluate", "service"): ("export.evaluate_service", False),
-    ("data", "audit"): ("export.audit", False),
-    ("export", "tiny"): ("export.tiny", False),
-    ("export", "decision"): ("export.calibrate_decision", False),
-    ("bench", "triton"): ("gateway.triton_bench", False),
-    ("bench", "pipeline"): ("bench.pipeline", False),
-    ("bench", "ab"): ("bench.ab", False),
-    ("bench", "triton-calls"): ("bench.triton_calls", False),
-    ("bench", "series"): ("bench.series", False),
-}
-SINGLE: dict[str, str] = {"triton": "gateway.triton_local"}
+DEFAULT_MAX_REQUEST_MB = 32.0  # the gateway's default max_request_mb
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,31 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="brainscan",
         description=f"Brain-MRI tumor analysis over gRPC. {DISCLAIMER}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Model lifecycle: brainscan train|evaluate|export {classifier,unet,maskrcnn} --help, "
-        "brainscan evaluate service --help (the evaluation splits through a running gateway), "
-        "brainscan data audit --help, brainscan triton --help, brainscan bench pipeline|ab|triton|triton-calls|series --help",
+        epilog="The gateway itself: brainscan-server --help.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    serve = commands.add_parser("serve", help="start the gRPC gateway")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1, env BRAINSCAN_HOST)")
-    serve.add_argument("--port", type=int, help="port to bind (default 50051, env BRAINSCAN_PORT)")
-    serve.add_argument("--backend", choices=("embedded", "triton"), help="model runtime (default embedded)")
-    serve.add_argument("--model-repository", type=Path, help="Triton model repository (default ./model_repository)")
-    serve.add_argument("--triton-url", help="Triton gRPC address(es) for --backend triton: host:port, comma-separated, "
-                       "or dns:///name:port for every address a name resolves to (default 127.0.0.1:8001)")
-    serve.add_argument("--max-in-flight", type=int, help="concurrent requests before RESOURCE_EXHAUSTED (default 64)")
-    serve.add_argument("--batch-max-size", type=int, help="embedded backend: rows per batched model call (default 8)")
-    serve.add_argument("--batch-max-delay-ms", type=float, help="embedded backend: max wait to fill a batch, 0 = off (default 2)")
-    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key serves TLS")
-    serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
-    serve.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mutual TLS)")
-    serve.add_argument("--auth-token-file", type=Path, help="accepted bearer tokens, one per line (health stays open)")
-    serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default off)")
-    serve.add_argument("--health-port", type=int,
-                       help="also serve gRPC health, plaintext and alone, on this port (for kubelet probes; default off)")
-    serve.add_argument("--log-format", choices=("json", "text"), help="log line format (default json)")
-    serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
     analyze = commands.add_parser("analyze", help="analyze image files against a running gateway")
     analyze.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or DICOM files, or folders of DICOM series")
@@ -103,15 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--timeout", type=float, default=30.0, help="per-slice deadline in seconds (default 30)")
     add_connection_flags(web)
 
-    for name, help_text in (
-        ("train", "train a model: classifier, unet or maskrcnn"),
-        ("evaluate", "evaluate a model's ONNX file (classifier, unet, maskrcnn) or a running gateway (service)"),
-        ("export", "export a trained model into model_repository/: classifier, unet, maskrcnn (or tiny); then `decision` (thresholds chosen on validation)"),
-        ("data", "dataset tools: audit"),
-        ("bench", "benchmarks: pipeline, ab (this checkout vs a git revision), triton, triton-calls (per-model Triton cost), series (one DICOM series end to end)"),
-        ("triton", "run a local Triton server over model_repository/"),
-    ):
-        commands.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -141,23 +88,7 @@ def connect(args: argparse.Namespace, **kwargs: object):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SINGLE:
-        return _delegate(SINGLE[argv[0]], f"brainscan {argv[0]}", argv[1:])
-    if len(argv) >= 1 and argv[0] in {command for command, _ in DELEGATED}:
-        if len(argv) < 2 or (argv[0], argv[1]) not in DELEGATED:
-            choices = sorted(model for command, model in DELEGATED if command == argv[0])
-            print(f"usage: brainscan {argv[0]} {{{','.join(choices)}}} [options]", file=sys.stderr)
-            return 2
-        module, pass_model = DELEGATED[(argv[0], argv[1])]
-        rest = argv[1:] if pass_model else argv[2:]
-        # A module that takes the model as its own positional argument shows it in its usage line.
-        prog = f"brainscan {argv[0]}" if pass_model else f"brainscan {argv[0]} {argv[1]}"
-        return _delegate(module, prog, rest)
-
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
     if args.command == "analyze":
         return _analyze(args)
     if args.command == "info":
@@ -166,50 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         return _web(args)
     build_parser().print_help()
     return 2
-
-
-def _delegate(module_name: str, prog: str, argv: list[str]) -> int:
-    module = importlib.import_module(module_name)
-    parser = module.get_args_parser()
-    parser.prog = prog
-    return int(module.main(parser.parse_args(argv)) or 0)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from gateway.config import load_config
-    from gateway.errors import BrainscanError
-    from gateway.observability import configure_logging
-    from gateway.server import serve
-
-    try:
-        config = load_config(
-            {
-                "host": args.host,
-                "port": args.port,
-                "backend": args.backend,
-                "model_repository": args.model_repository,
-                "triton_url": args.triton_url,
-                "max_in_flight": args.max_in_flight,
-                "batch_max_size": args.batch_max_size,
-                "batch_max_delay_ms": args.batch_max_delay_ms,
-                "tls_cert": args.tls_cert,
-                "tls_key": args.tls_key,
-                "tls_client_ca": args.tls_client_ca,
-                "auth_token_file": args.auth_token_file,
-                "metrics_port": args.metrics_port,
-                "health_port": args.health_port,
-                "log_format": args.log_format,
-            }
-        )
-        configure_logging(args.log_level, config.log_format)
-        print(DISCLAIMER, file=sys.stderr)
-        asyncio.run(serve(config))
-    except (BrainscanError, ValueError, OSError) as error:
-        print(f"brainscan serve: {error}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -338,12 +225,15 @@ def _info(args: argparse.Namespace) -> int:
 def _web(args: argparse.Namespace) -> int:
     import os
 
-    from brainscan_web.app import create_app
-    from brainscan_web.server import bind, run
-    from gateway.config import GatewayConfig
+    try:
+        from brainscan_web.app import create_app
+        from brainscan_web.server import bind, run
+    except ImportError as error:  # fastapi/uvicorn: the SDK's optional [web] extra
+        print(f"brainscan web: {error}; install it with pip install 'brainscan-client[web]'", file=sys.stderr)
+        return 1
 
     # The gateway refuses requests over BRAINSCAN_MAX_REQUEST_MB; the page stops bigger files before sending them.
-    max_mb = args.max_upload_mb or float(os.environ.get("BRAINSCAN_MAX_REQUEST_MB", GatewayConfig.max_request_mb))
+    max_mb = args.max_upload_mb or float(os.environ.get("BRAINSCAN_MAX_REQUEST_MB", DEFAULT_MAX_REQUEST_MB))
     try:
         sock = bind(args.host, args.port)
     except OSError as error:

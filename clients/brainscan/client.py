@@ -25,8 +25,8 @@ from brainscan.errors import from_rpc_error
 from brainscan.inputs import ImageLike, build_request
 from brainscan.results import AnalysisResult, result_from_response
 from brainscan.series import PathLike, SeriesAnalysis, series_files, series_from_response, series_requests
-from brainscan.v1 import brainscan_pb2 as pb
-from brainscan.v1 import brainscan_pb2_grpc as pb_grpc
+from brainscan_proto.v1 import brainscan_pb2 as pb
+from brainscan_proto.v1 import brainscan_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024

@@ -9,7 +9,7 @@ from typing import Any, Union
 import numpy as np
 
 from brainscan.errors import InvalidInput
-from brainscan.v1 import brainscan_pb2 as pb
+from brainscan_proto.v1 import brainscan_pb2 as pb
 
 ImageLike = Union[str, os.PathLike, bytes, bytearray, np.ndarray, Any]  # Any: PIL.Image.Image
 

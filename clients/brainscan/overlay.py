@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from brainscan.pictures import load_frames
 from brainscan.results import AnalysisResult
 
 
@@ -31,9 +32,7 @@ def render_overlay(gray: np.ndarray, result: AnalysisResult) -> Image.Image:
 
 def write_overlay(image_path: Path, result: AnalysisResult, out_dir: Path, *, name: str | None = None) -> Path:
     """`<out_dir>/<name or the image's stem>.overlay.png`."""
-    from gateway.preprocessing import load_image_file
-
-    gray = load_image_file(str(image_path)).pixels
+    gray = load_frames(str(image_path))[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{name or image_path.stem}.overlay.png"
     render_overlay(gray, result).save(target)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from brainscan.errors import from_status
-from brainscan.v1 import brainscan_pb2 as pb
+from brainscan_proto.v1 import brainscan_pb2 as pb
 
 DISCLAIMER = "Research use only. Not a medical device; not for diagnosis or treatment decisions."
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from brainscan.errors import BrainscanError, InvalidInput, from_status
 from brainscan.results import AnalysisResult, result_from_response
-from brainscan.v1 import brainscan_pb2 as pb
+from brainscan_proto.v1 import brainscan_pb2 as pb
 
 PathLike = str | os.PathLike
 

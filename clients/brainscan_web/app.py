@@ -22,7 +22,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from brainscan.client import Client
-from brainscan.errors import BrainscanError
+from brainscan.errors import BrainscanError, InvalidInput
+from brainscan.pictures import decode_frames
 from brainscan.results import DISCLAIMER
 from brainscan_web.views import PageError, error_view, slice_view, too_big
 
@@ -123,14 +124,10 @@ def analyze_upload(
     client: Client, data: bytes, *, server: str, timeout_s: float, segment: bool, detect: bool, gate: bool
 ) -> list[dict[str, object]]:
     """One file through AnalyzeStream (one answer per frame), each drawn on its own frame."""
-    # The pictures are drawn from the pixels the gateway itself decodes (same code, same window).
-    from gateway.errors import BrainscanError as DecodeError
-    from gateway.preprocessing import decode_frames
-
     try:
         frames = decode_frames(data)
         local_error = None
-    except DecodeError as error:  # the gateway's own answer below says it best
+    except InvalidInput as error:  # the gateway's own answer below says it best
         frames, local_error = [], str(error)
     try:
         results = list(
@@ -142,4 +139,4 @@ def analyze_upload(
         raise Refused(error_view(error, server)) from None
     if local_error is not None or len(frames) < len(results):
         raise Refused(PageError(400, "bad_file", f"This file could not be drawn: {local_error or 'frame count differs'}"))
-    return [slice_view(result, frames[result.frame].pixels) for result in results]
+    return [slice_view(result, frames[result.frame]) for result in results]

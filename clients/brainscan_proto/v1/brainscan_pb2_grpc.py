@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from brainscan.v1 import brainscan_pb2 as brainscan_dot_v1_dot_brainscan__pb2
+from brainscan_proto.v1 import brainscan_pb2 as brainscan_dot_v1_dot_brainscan__pb2
 
 GRPC_GENERATED_VERSION = '1.67.1'
 GRPC_VERSION = grpc.__version__
