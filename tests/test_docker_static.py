@@ -169,3 +169,49 @@ def test_entrypoint_serves_a_tensorrt_variant_without_touching_the_repository(
 @pytest.mark.parametrize("script", [ENTRYPOINT])
 def test_shell_scripts_have_valid_syntax(script: Path) -> None:
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+def dockerfile_copies() -> list[tuple[str, str]]:
+    """(source, destination under WORKDIR) of every COPY."""
+    pairs = []
+    for instruction, args in dockerfile_instructions():
+        if instruction == "COPY":
+            *sources, destination = args.split()
+            pairs += [(source, destination) for source in sources]
+    return pairs
+
+
+def test_the_gateway_wheel_builds_from_exactly_what_the_dockerfile_copies(tmp_path: Path) -> None:
+    """Every package pyproject.toml lists must be copied into the image, or `pip install .` fails there."""
+    import shutil
+    import sys
+    import tomllib
+    import zipfile
+
+    context = tmp_path / "app"
+    context.mkdir()
+    for source, destination in dockerfile_copies():
+        target = context / destination
+        if (PROJECT_ROOT / source).is_dir():
+            shutil.copytree(PROJECT_ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(PROJECT_ROOT / source, target)
+    project = tomllib.loads((context / "pyproject.toml").read_text())
+    package_dirs = project["tool"]["setuptools"].get("package-dir", {})
+    for package in project["tool"]["setuptools"]["packages"]:
+        top, *rest = package.split(".")
+        folder = Path(package_dirs.get(top, top), *rest)
+        assert (context / folder / "__init__.py").is_file(), f"pyproject.toml lists {package}; the Dockerfile does not copy {folder}"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(context)],
+        capture_output=True, text=True,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("brainscan-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert {"gateway/server.py", "gateway/backends/triton.py", "brainscan_proto/v1/brainscan_pb2_grpc.py"} <= set(names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    with zipfile.ZipFile(wheel) as archive:
+        assert "brainscan-server = gateway.cli:main" in archive.read(entry_points).decode()
+    assert dockerfile_instructions()[-1] == ("CMD", '["brainscan-server"]')
