@@ -16,7 +16,7 @@ import sys
 BENCHES: dict[str, str] = {
     "pipeline": "bench.pipeline",
     "ab": "bench.ab",
-    "triton": "gateway.triton_bench",
+    "triton": "bench.triton_perf",
     "triton-calls": "bench.triton_calls",
     "series": "bench.series",
     "hostile": "bench.hostile_memory",

@@ -38,7 +38,7 @@ from bench.load import GrpcAnalyze, closed_loop
 from bench.paired import added_latency, alternating_calls
 from bench.report import write_json
 from gateway.config import PROJECT_ROOT
-from gateway.triton_bench import default_images, find_images
+from bench.triton_perf import default_images, find_images
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ from bench.dicom_series import mr_series
 from brainscan_proto.v1 import brainscan_pb2 as pb
 from brainscan_proto.v1 import brainscan_pb2_grpc as pb_grpc
 from gateway.config import PROJECT_ROOT, GatewayConfig
-from gateway.triton_bench import default_images, find_images
+from bench.triton_perf import default_images, find_images
 
 CONCURRENCY = 32
 LIMIT_SIDE = int(GatewayConfig().max_request_pixels ** 0.5)  # the largest square inside the per-request budget

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from gateway.kserve import serialize_bytes
-from gateway.triton_bench import default_images, find_images
+from bench.triton_perf import default_images, find_images
 
 
 def write_input_data(images: list[Path], path: Path) -> Path:

@@ -40,7 +40,7 @@ from bench.load import GrpcAnalyze, HttpAnalyze, closed_loop
 from bench.paired import paired_added_latency
 from gateway.config import PROJECT_ROOT
 from gateway.contract import load_repository
-from gateway.triton_bench import default_images, find_images
+from bench.triton_perf import default_images, find_images
 
 SYSTEMS = ("floor", "embedded", "triton", "naive")
 
@@ -181,7 +181,7 @@ def run_triton(repository: Path, workdir: Path, images: list[bytes], points: lis
 
     if args.triton_url:
         return measure(args.triton_url)
-    from gateway.triton_local import LocalTriton
+    from triton_local.runner import LocalTriton
 
     step("starting a local Triton server")
     with LocalTriton(repository) as triton:

@@ -106,9 +106,11 @@ def gateway(
 
 @contextlib.contextmanager
 def local_triton(repository: Path, workdir: Path, *, cwd: Path | None = None) -> Iterator[str]:
-    """`python -m gateway.triton_local` (the code under `cwd`, default this checkout) on free ports; yields its gRPC address."""
+    """`python -m triton_local` (the code under `cwd`, default this checkout) on free ports; yields its gRPC address."""
     log_path = workdir / "triton.log"
-    command = [sys.executable, "-m", "gateway.triton_local", "--model-repository", str(repository),
+    code = cwd or PROJECT_ROOT  # revisions before triton_local/ ran it as gateway.triton_local
+    module = "triton_local" if (code / "triton_local" / "__main__.py").is_file() else "gateway.triton_local"
+    command = [sys.executable, "-m", module, "--model-repository", str(repository),
                "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
     process = _spawn(command, log_path, None, cwd)
     try:

@@ -32,7 +32,7 @@ from bench.report import write_json
 from brainscan import Client
 from gateway.config import PROJECT_ROOT
 from gateway.preprocessing import load_image_file
-from gateway.triton_bench import default_images, find_images
+from bench.triton_perf import default_images, find_images
 
 MODES = {"gated": {"gate": True}, "ungated": {"gate": False}, "ungated + SEG": {"gate": False, "dicom_seg": True}}
 

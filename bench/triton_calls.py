@@ -5,7 +5,7 @@ gateway's Triton backend (over gRPC to a Triton server) take turns on the same
 prepared tensors, one call at a time; the median of the per-call differences is
 what the Triton hop adds to that model (gRPC, Triton's scheduler and, on the
 local server, the Python-backend shim). Without `--triton-url` a local Triton
-(`python -m gateway.triton_local`) is started over the same repository.
+(`python -m triton_local`) is started over the same repository.
 
 Research use only; not a medical device.
 """
@@ -25,7 +25,7 @@ from bench.floor import Feeds, model_inputs, open_backend
 from bench.paired import added_latency
 from bench.report import write_json
 from gateway.backends.triton import TritonBackend
-from gateway.triton_bench import default_images, find_images
+from bench.triton_perf import default_images, find_images
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     if args.triton_url:
         results = paired_calls(repository, args.triton_url, images, threads=threads, rounds=args.rounds)
     else:
-        from gateway.triton_local import LocalTriton
+        from triton_local.runner import LocalTriton
 
         with LocalTriton(repository) as triton:
             results = paired_calls(repository, triton.grpc_url, images, threads=threads, rounds=args.rounds)

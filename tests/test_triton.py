@@ -28,7 +28,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from gateway.backends.triton import TritonBackend
 from gateway.contract import CONFIG_FILE, MODEL_FILE, load_repository, parse_config
 from gateway.errors import BackendUnavailable, ContractError
-from gateway.triton_local import LocalTriton, TritonStartupError, build_shim_repository, diagnose, shim_config
+from triton_local.runner import LocalTriton, TritonStartupError, build_shim_repository, diagnose, shim_config
 from tests.conftest import slice_folder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_cli_runs_until_sigterm_and_stops_cleanly(tiny_repository: Path, tmp_pat
     log = tmp_path / "triton-cli.log"
     with open(log, "wb") as handle:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.triton_local", "--model-repository", str(tiny_repository),
+            [sys.executable, "-m", "triton_local", "--model-repository", str(tiny_repository),
              "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"],
             stdout=handle, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
@@ -303,16 +303,16 @@ def test_health_flips_while_triton_is_down_and_back(running_triton: LocalTriton,
 
 
 def test_bench_smoke(running_triton: LocalTriton, tiny_repository: Path, tmp_path: Path) -> None:
-    from gateway import triton_bench
+    from bench import triton_perf
 
     images = slice_folder(tmp_path / "images", 3, 200)
     out = tmp_path / "bench"
-    args = triton_bench.get_args_parser().parse_args(
+    args = triton_perf.get_args_parser().parse_args(
         ["--url", running_triton.grpc_url, "--model-repository", str(tiny_repository), "--models", "classifier",
          "--images", str(images), "--concurrency-range", "1:2", "--measurement-interval-ms", "300",
          "--stability-percentage", "1000", "--max-trials", "5", "--out", str(out)]
     )  # fmt: skip
-    assert triton_bench.main(args) == 0
+    assert triton_perf.main(args) == 0
     with open(out / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["model"], r["concurrency"]) for r in rows] == [("classifier", "1"), ("classifier", "2")]

@@ -1,6 +1,6 @@
 """Past one Triton: one gateway over two real tritonservers, one of them killed under load.
 
-Both servers are local tritonservers (gateway/triton_local.py) on free loopback
+Both servers are local tritonservers (triton_local/runner.py) on free loopback
 ports; the gateway is a real `brainscan-server --backend triton` process with
 both in --triton-url; the load comes through the SDK. Which server answered is
 read from each Triton's own statistics, not from the gateway.
@@ -27,7 +27,7 @@ from brainscan import Client, ServerUnavailable
 from gateway.backends.triton import TritonBackend
 from gateway.config import load_config, triton_targets
 from gateway.server import LIVENESS_SERVICE
-from gateway.triton_local import LocalTriton
+from triton_local.runner import LocalTriton
 from tests.conftest import png_bytes, start_gateway, stop_gateway, synthetic_slice
 
 CLIENTS = 3  # bounded load: this many callers, one call in flight each

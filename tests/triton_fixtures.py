@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.triton_local import LocalTriton
+from triton_local.runner import LocalTriton
 
 
 @pytest.fixture(scope="session")

@@ -119,7 +119,7 @@ class TritonBackend:
                 raise BackendUnavailable(
                     f"Triton at {self.url} is not ready after {self.startup_wait_s:.0f} s "
                     f"(models {sorted(s.name for s in self.specs.values())}); is tritonserver running? "
-                    "Start one with `python -m gateway.triton_local`."
+                    "Start one with `python -m triton_local`."
                 )
             await asyncio.sleep(0.5)
         if self._monitor is None:

@@ -6,7 +6,7 @@ perf_analyzer's JSON input file. Each model is measured over a concurrency
 range; the raw perf_analyzer CSVs, one combined `summary.csv` (throughput,
 p50/p90/p95/p99 latency) and a Markdown `summary.md` land in --out.
 
-Without --url a local Triton (`gateway.triton_local.LocalTriton`) is started on
+Without --url a local Triton (`triton_local.runner.LocalTriton`) is started on
 free loopback ports for the run. Research use only; not a medical device.
 """
 
@@ -240,7 +240,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from gateway.triton_local import LocalTriton  # only needed without --url
+    from triton_local.runner import LocalTriton  # only needed without --url
 
     try:
         specs = load_repository(args.model_repository)

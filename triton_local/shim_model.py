@@ -1,6 +1,6 @@
 """Triton Python-backend `model.py` that serves one ONNX file with ONNX Runtime.
 
-`gateway.triton_local` copies this file as `<model>/<version>/model.py` into a
+`triton_local` copies this file as `<model>/<version>/model.py` into a
 shim repository next to a link to the model's `model.onnx`. It only runs inside
 Triton's Python-backend stub, which provides `triton_python_backend_utils`;
 nothing else in the gateway imports it.

@@ -1,10 +1,10 @@
-"""A real Triton server on this machine: `python -m gateway.triton_local`.
+"""A real Triton server on this machine: `python -m triton_local`.
 
 The tritonserver binary bundled in `nvidia-pytriton` has no ONNX Runtime
 backend, so `LocalTriton` builds, in a temporary folder, a shim repository over
 the canonical `model_repository/`: every model keeps its name, tensors, dims,
 batching and instance groups, but runs through the Python backend with
-`gateway/triton_shim_model.py` as its `model.py` (ONNX Runtime inside). The
+`triton_local/shim_model.py` as its `model.py` (ONNX Runtime inside). The
 canonical repository is never modified; it keeps the native onnxruntime
 configs that the NGC container (docker/) uses.
 
@@ -44,7 +44,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from gateway.contract import CONFIG_FILE, MODEL_FILE, parse_config
 from gateway.errors import BrainscanError
 
-SHIM_MODEL_SOURCE = Path(__file__).with_name("triton_shim_model.py")
+SHIM_MODEL_SOURCE = Path(__file__).with_name("shim_model.py")
 LOG_TAIL_LINES = 40
 DEFAULT_STARTUP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
@@ -477,12 +477,12 @@ def diagnose(log: str) -> str:
     return errors[0] if errors else ""
 
 
-# --- `python -m gateway.triton_local` ----------------------------------------------------
+# --- `python -m triton_local` ----------------------------------------------------
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.triton_local",
+        prog="python -m triton_local",
         description=(
             "Run a local Triton Inference Server over the model repository (Python-backend shims "
             "around the ONNX files), bound to 127.0.0.1. Research use only; not a medical device."
@@ -542,7 +542,3 @@ def main(args: argparse.Namespace) -> int:
     finally:
         triton.close()
         signal.signal(signal.SIGTERM, previous)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(get_args_parser().parse_args()))
