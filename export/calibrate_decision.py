@@ -1,4 +1,4 @@
-"""`brainscan export decision`: choose the tumor decision's operating point on validation data.
+"""`python -m export export decision`: choose the tumor decision's operating point on validation data.
 
 Runs the exported classifier, U-Net and Mask R-CNN (ONNX Runtime, the
 gateway's preprocessing) on the classifier's validation split: slices carved

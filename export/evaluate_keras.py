@@ -1,4 +1,4 @@
-"""`brainscan evaluate classifier|unet`: metrics from the committed ONNX file.
+"""`python -m export evaluate classifier|unet`: metrics from the committed ONNX file.
 
 Runs `model_repository/<model>/1/model.onnx` in ONNX Runtime on tensors made
 by the gateway's own preprocessing (`load_image_file` → `prepare(S)`, S read
@@ -132,7 +132,7 @@ def evaluate_classifier(
     """Sartaj Testing (4 classes) and, per source, tumor vs no tumor, calibration and scope flags.
 
     The tumor decision here is the classifier's alone (p(tumor) >= `decision_alone` and in scope);
-    `brainscan evaluate service` scores the served decision with the U-Net and Mask R-CNN evidence.
+    `python -m export evaluate service` scores the served decision with the U-Net and Mask R-CNN evidence.
     With `errors`, also collects every misclassified Testing slice.
     """
     items = load_classification_split(data_root, "Testing")
@@ -455,7 +455,7 @@ def main(args: argparse.Namespace) -> int:
     from export.cli_checks import DATA_HINT, argument_problem, fail
     from gateway.errors import BrainscanError
 
-    prog = f"brainscan evaluate {args.model}"
+    prog = f"python -m export evaluate {args.model}"
     if problem := argument_problem(data=args.data, output=args.output, errors_dir=args.errors):
         return fail(prog, problem)
     try:

@@ -1,9 +1,9 @@
-"""`brainscan export classifier|unet`: Keras checkpoint → Triton model repository.
+"""`python -m export export classifier|unet`: Keras checkpoint → Triton model repository.
 
 Writes `model_repository/<model>/1/model.onnx` (tf2onnx, dynamic batch,
 tensors named by the contract), optionally `model.savedmodel/`, the
 config.pbtxt (+ labels.txt) through `export.repository`, and MODEL_CARD.md
-with the metrics `brainscan evaluate` computes from the written ONNX file.
+with the metrics `python -m export evaluate` computes from the written ONNX file.
 Export fails unless ONNX Runtime matches Keras within 1e-4 on real slices
 and the ONNX file is at most 20 MB.
 """
@@ -293,7 +293,7 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
     ) + _first_stage(args)
     sources = (
         "`sartaj-classification/Training` (T1-CE, three planes) minus every near-duplicate of an evaluation image "
-        "(`brainscan data audit`, list in `export/eval_subsets.json`); `lgg-flair/train` (FLAIR; 12 of its 66 "
+        "(`python -m export data audit`, list in `export/eval_subsets.json`); `lgg-flair/train` (FLAIR; 12 of its 66 "
         "patients held out for selection); the tumor-positive slices of `br35h-polygons/train`, "
         "`ruslan-kl-polygons/train` and `/val`; the half of `head-ct/` that the evaluation does not use (split by "
         "near-duplicate group)."
@@ -406,7 +406,7 @@ def main(args: argparse.Namespace) -> int:
     run_dir = REPO_ROOT / "runs" / args.model
     checkpoint = args.checkpoint or run_dir / "best.keras"
     if not checkpoint.is_file():
-        print(f"checkpoint {checkpoint} not found; run `brainscan train {args.model}` first or pass --checkpoint")
+        print(f"checkpoint {checkpoint} not found; run `python -m export train {args.model}` first or pass --checkpoint")
         return 2
     data_root = Path(args.data) if Path(args.data).is_dir() else None
     started = time.time()

@@ -1,4 +1,4 @@
-"""`brainscan export maskrcnn`: checkpoint → model_repository/maskrcnn/{1/model.onnx, config.pbtxt, MODEL_CARD.md}.
+"""`python -m export export maskrcnn`: checkpoint → model_repository/maskrcnn/{1/model.onnx, config.pbtxt, MODEL_CARD.md}.
 
 One path for the trained model and the tiny plumbing model (`write_tiny`):
 torch.onnx (opset 17, dynamo=False, dynamic image size) → ONNX Runtime
@@ -131,7 +131,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=default_data_root(), help="datasets root (default: $BRAINSCAN_DATA or ../shared/datasets)")
     parser.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "runs" / NAME / "last.pt", help="training checkpoint to export")
     parser.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository", help="Triton model repository to write into")
-    parser.add_argument("--metrics", type=Path, default=REPO_ROOT / "runs" / NAME / "evaluation.json", help="`brainscan evaluate maskrcnn` JSON to put in the model card")
+    parser.add_argument("--metrics", type=Path, default=REPO_ROOT / "runs" / NAME / "evaluation.json", help="`python -m export evaluate maskrcnn` JSON to put in the model card")
     parser.add_argument("--parity-slices", type=int, default=8, help="real slices for the ONNX Runtime parity check")
     parser.add_argument("--latency-runs", type=int, default=30, help="ONNX Runtime timing runs (median reported)")
     parser.add_argument("--threshold", type=float, default=SERVING_THRESHOLD, help="serving score threshold used by the parity check")
@@ -142,7 +142,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(2)
     if not Path(args.checkpoint).is_file():
-        print(f"checkpoint {args.checkpoint} not found; run `brainscan train maskrcnn` first")
+        print(f"checkpoint {args.checkpoint} not found; run `python -m export train maskrcnn` first")
         return 2
     if not Path(args.data).is_dir():
         print(f"datasets folder {args.data} not found (real slices are needed for the parity check); pass --data")

@@ -1,4 +1,4 @@
-"""`brainscan train classifier`: tumor type + "can this slice be judged", EfficientNet-Lite0.
+"""`python -m export train classifier`: tumor type + "can this slice be judged", EfficientNet-Lite0.
 
 Sources (every one the shared folder has), each split for model selection by
 near-duplicate group or by patient, never by slice:

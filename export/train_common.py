@@ -54,7 +54,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str, size: int, e
 def load_initial_weights(model, path: Path | None) -> None:
     """Copy a previous run's weights into `model` (for a fine-tuning run).
 
-    `path` is a `.keras` checkpoint, or a SavedModel folder written by `brainscan export --savedmodel`
+    `path` is a `.keras` checkpoint, or a SavedModel folder written by `python -m export export --savedmodel`
     (e.g. `model_repository/unet/1/model.savedmodel`): the shipped weights, matched by variable name,
     so a model can be fine-tuned from the repository when its run folder is gone.
     """

@@ -1,4 +1,4 @@
-"""`brainscan train maskrcnn`: train the tumor detector (CPU or GPU).
+"""`python -m export train maskrcnn`: train the tumor detector (CPU or GPU).
 
 Backbone: ImageNet EfficientNet-Lite0 + FPN (`--backbone lite0`, default) or
 the earlier from-scratch ResNet/GroupNorm trunk (`--backbone resnet_gn`).

@@ -1,4 +1,4 @@
-"""`brainscan train unet`: tumor-mask U-Net on the EfficientNet-Lite0 encoder.
+"""`python -m export train unet`: tumor-mask U-Net on the EfficientNet-Lite0 encoder.
 
 Targets of three kinds, each split for model selection by near-duplicate
 group or by patient:
