@@ -145,7 +145,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def gateway_env(args: argparse.Namespace, threads: int) -> dict[str, str]:
-    env = {"BRAINSCAN_ORT_THREADS": str(threads)}
+    # KServe on: its statistics report the batch sizes each point formed
+    env = {"BRAINSCAN_ORT_THREADS": str(threads), "BRAINSCAN_KSERVE": "1"}
     if args.batch_max_size is not None:
         env["BRAINSCAN_BATCH_MAX_SIZE"] = str(args.batch_max_size)
     if args.batch_max_delay_ms is not None:

@@ -1,4 +1,4 @@
-"""The gateway's one admission limit, shared by every API it serves (BrainScan and KServe).
+"""The gateway's one admission limit, shared by every API it serves (BrainScan, and KServe when on).
 
 First the request alone: its size, read from the header (PNG IHDR, JPEG SOF,
 DICOM Rows/Columns/NumberOfFrames, a raw array's shape) before any pixel is

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default off)")
     parser.add_argument("--health-port", type=int,
                         help="also serve gRPC health, plaintext and alone, on this port (for kubelet probes; default off)")
+    parser.add_argument("--kserve", action="store_true", default=None,
+                        help="also serve the KServe v2 API (model brainscan_pipeline) for perf_analyzer; default off")
     parser.add_argument("--log-format", choices=("json", "text"), help="log line format (default json)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 "metrics_port": args.metrics_port,
                 "health_port": args.health_port,
                 "log_format": args.log_format,
+                "kserve": args.kserve,
             }
         )
         configure_logging(args.log_level, config.log_format)

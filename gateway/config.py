@@ -59,6 +59,9 @@ class GatewayConfig:
     # plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (kubelet); None = off
     health_port: int | None = None
     log_format: str = "json"  # json | text
+    # also serve the KServe v2 inference API (model brainscan_pipeline) on the same port, under the same
+    # admission limit: for perf_analyzer load tests of the whole pipeline, not needed by clients
+    kserve: bool = False
 
     @property
     def max_request_bytes(self) -> int:
@@ -110,10 +113,17 @@ def triton_targets(spec: str) -> tuple[str, ...]:
     return targets
 
 
+def _boolean(raw: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if raw.strip().lower() not in words:
+        raise ValueError(raw)
+    return words[raw.strip().lower()]
+
+
 def _coerce(type_name: object, raw: str, variable: str) -> object:
     converters = {
         "int": int, "float": float, "str": str, "Path": Path, "Path | None": Path, "int | None": int,
-        "float | None": float,
+        "float | None": float, "bool": _boolean,
     }
     converter = converters.get(str(type_name), str)
     try:

@@ -1,7 +1,8 @@
 """KServe v2 `inference.GRPCInferenceService` for one model, `brainscan_pipeline`.
 
 It lets perf_analyzer (and any KServe client) drive the whole pipeline over
-the gateway's port; the servicer base class and messages are the ones
+the gateway's port. Registered only with `--kserve` / BRAINSCAN_KSERVE (off by
+default), under the gateway's one admission limit. The servicer base class and messages are the ones
 generated in tritonclient, so the protocol is never written by hand.
 
     IMAGE              BYTES [1]     encoded PNG / JPEG / DICOM

@@ -1,4 +1,4 @@
-"""Builds and runs the grpc.aio gateway: BrainScan service, health, reflection.
+"""Builds and runs the grpc.aio gateway: BrainScan service, health, reflection (KServe v2 with `--kserve`).
 
 `build_server(config)` returns a `Gateway` whose server is bound (port 0 picks a
 free one) but not started; `serve(config)` runs it until SIGINT/SIGTERM.
@@ -144,11 +144,12 @@ def build_server(config: GatewayConfig) -> Gateway:
     server = grpc.aio.server(
         options=grpc_options(config), interceptors=[GatewayInterceptor(metrics=metrics, tokens=tokens)]
     )
-    admission = Admission.from_config(config)  # one limit for both APIs
+    admission = Admission.from_config(config)  # one limit for every API served
     brainscan_pb2_grpc.add_BrainScanServicer_to_server(
         BrainScanService(pipeline, admission=admission, metrics=metrics), server
     )
-    kserve.register(server, pipeline, admission=admission)  # KServe v2 for perf_analyzer
+    if config.kserve:  # KServe v2 for perf_analyzer, off unless asked for
+        kserve.register(server, pipeline, admission=admission)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

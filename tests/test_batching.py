@@ -143,7 +143,8 @@ def test_gateway_batches_concurrent_analyze_calls(tiny_repository: Path, tmp_pat
     answers: dict[str, list[pb.AnalyzeResponse]] = {}
     histograms = {}
     for mode, delay in (("on", "50"), ("off", "0")):
-        gateway = start_gateway(tiny_repository, tmp_path, env={"BRAINSCAN_BATCH_MAX_DELAY_MS": delay})
+        gateway = start_gateway(  # KServe on: its statistics report the batch sizes
+            tiny_repository, tmp_path, env={"BRAINSCAN_BATCH_MAX_DELAY_MS": delay}, extra=["--kserve"])
         try:
             answers[mode] = _analyze_concurrently(gateway.address, images)
             histograms[mode] = batch_histograms(gateway.address)

@@ -491,7 +491,9 @@ def test_node_client_example_against_the_gateway(guarded, tmp_path):
 
 @pytest.fixture(scope="module")
 def one_slot(tiny_repository, tmp_path_factory):
-    gateway = start_gateway(tiny_repository, tmp_path_factory.mktemp("one-slot"), extra=["--max-in-flight", "1"])
+    gateway = start_gateway(
+        tiny_repository, tmp_path_factory.mktemp("one-slot"), extra=["--max-in-flight", "1", "--kserve"]
+    )
     yield gateway
     stop_gateway(gateway)
 

@@ -1,5 +1,6 @@
 """The gateway's KServe v2 endpoint (`brainscan_pipeline`), driven by tritonclient and
-by perf_analyzer against a real gateway process on the tiny repository.
+by perf_analyzer against a real gateway process on the tiny repository. It is off
+unless asked for: these tests start their own gateway with BRAINSCAN_KSERVE on.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from tritonclient.utils import InferenceServerException
 
 from bench.perf_input import write_input_data
 from brainscan import Client
+from gateway.config import load_config
 from gateway.kserve import MODEL_NAME, deserialize_bytes, serialize_bytes
-from tests.conftest import png_bytes, synthetic_slice
+from tests.conftest import png_bytes, start_gateway, stop_gateway, synthetic_slice
 
 OUTPUTS = (
     "PROBABILITIES", "TUMOR_PROBABILITY", "TUMOR_DETECTED", "LABEL", "SCOPE_REASON", "MASK_PNG", "MASK_BOX", "BOXES",
@@ -27,11 +29,32 @@ OUTPUTS = (
 )
 
 
+@pytest.fixture(scope="module")
+def kserve_gateway(tiny_repository, tmp_path_factory):
+    gateway = start_gateway(tiny_repository, tmp_path_factory.mktemp("kserve"), env={"BRAINSCAN_KSERVE": "true"})
+    yield gateway
+    stop_gateway(gateway)
+
+
 @pytest.fixture()
-def kserve(embedded_gateway):
-    client = InferenceServerClient(embedded_gateway.address)
+def kserve(kserve_gateway):
+    client = InferenceServerClient(kserve_gateway.address)
     yield client
     client.close()
+
+
+def test_off_unless_asked_for(embedded_gateway) -> None:
+    client = InferenceServerClient(embedded_gateway.address)
+    try:
+        with pytest.raises(InferenceServerException) as error:
+            client.is_server_live()
+    finally:
+        client.close()
+    assert "UNIMPLEMENTED" in str(error.value.status())
+    assert load_config(environ={}).kserve is False
+    assert load_config(environ={"BRAINSCAN_KSERVE": "on"}).kserve is True
+    with pytest.raises(ValueError, match="BRAINSCAN_KSERVE='maybe'"):
+        load_config(environ={"BRAINSCAN_KSERVE": "maybe"})
 
 
 def _infer(client: InferenceServerClient, data: bytes, **parameters):
@@ -54,14 +77,14 @@ def test_health_metadata_and_config(kserve: InferenceServerClient) -> None:
     assert "Not a medical device" in config["parameters"]["disclaimer"]["string_value"]
 
 
-def test_infer_matches_the_brainscan_api(kserve: InferenceServerClient, embedded_gateway) -> None:
+def test_infer_matches_the_brainscan_api(kserve: InferenceServerClient, kserve_gateway) -> None:
     image = synthetic_slice(220, seed=5)
     data = png_bytes(image)
     result = _infer(kserve, data, ungated=True)
     labels = kserve.get_model_config(MODEL_NAME, as_json=True)["config"]["parameters"]["labels"]["string_value"]
     probabilities = result.as_numpy("PROBABILITIES")
     assert probabilities.shape == (4,) and probabilities.sum() == pytest.approx(1.0, abs=1e-4)
-    with Client(embedded_gateway.address) as client:
+    with Client(kserve_gateway.address) as client:
         reference = client.analyze(data, gate=False)
     for label, p in zip(labels.split(","), probabilities):
         assert p == pytest.approx(reference.probabilities[label], abs=1e-5)
@@ -132,7 +155,7 @@ def _perf_analyzer() -> tuple[Path, dict[str, str]]:
     return binary, env
 
 
-def test_perf_analyzer_load_tests_the_whole_pipeline(embedded_gateway, tmp_path: Path) -> None:
+def test_perf_analyzer_load_tests_the_whole_pipeline(kserve_gateway, tmp_path: Path) -> None:
     binary, env = _perf_analyzer()
     images = []
     for i in range(3):
@@ -142,7 +165,7 @@ def test_perf_analyzer_load_tests_the_whole_pipeline(embedded_gateway, tmp_path:
     input_data = write_input_data(images, tmp_path / "input.json")
     report = tmp_path / "perf.csv"
     command = [
-        str(binary), "-m", MODEL_NAME, "-u", embedded_gateway.address, "-i", "grpc",
+        str(binary), "-m", MODEL_NAME, "-u", kserve_gateway.address, "-i", "grpc",
         "--input-data", str(input_data), "--concurrency-range", "1:2",
         "--measurement-mode", "count_windows", "--measurement-request-count", "5",
         "--max-trials", "3", "--stability-percentage", "1000",
