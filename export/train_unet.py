@@ -44,6 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intensity-remap", type=float, default=0.3,
                         help="share of training images passed through a random intensity curve")
     parser.add_argument("--lgg-val-patients", type=int, default=12, help="lgg-flair/train patients held out for selection")
+    parser.add_argument("--negative-repeat", type=int, default=1, help="times each tumor-free training slice is drawn per epoch")
     return parser
 
 
@@ -197,6 +198,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"train {len(train_idx)} / val {len(val_idx)} slices; {dict(sorted(cells.items()))}", flush=True)
 
     kind = is_box.astype(np.float32)
+    # Tumor-free slices repeated: healthy anatomy is what the model must learn to leave empty.
+    empty = ~targets.reshape(len(targets), -1).any(axis=1)
+    train_idx = train_common.oversample_negatives(train_idx, empty[train_idx], args.negative_repeat)
     options = tf.data.Options()
     options.threading.private_threadpool_size = 1
 
@@ -236,7 +240,8 @@ def main(args: argparse.Namespace) -> int:
     summary = {
         "best_epoch": best + 1,
         **{k: history.history[k][best] for k in history.history if k.startswith("val_")},
-        "train_slices": int(len(train_idx)),
+        "train_draws_per_epoch": int(len(train_idx)),
+        "negative_repeat": args.negative_repeat,
         "train_cells": dict(sorted(cells.items())),
         "val_slices": int(len(val_idx)),
         "pretrained": bool(args.pretrained),
