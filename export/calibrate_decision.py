@@ -141,6 +141,16 @@ def choose(evidence: Evidence, detection_threshold: float) -> dict[str, object]:
     }
 
 
+def card_metrics_text(card: Path) -> str:
+    """The metrics JSON block of a model card ("{}" when there is none)."""
+    text = card.read_text() if card.is_file() else ""
+    start = text.find("```json", text.find("## Metrics"))
+    if start < 0:
+        return "{}"
+    body = text[start + len("```json"):]
+    return body[: body.find("```")]
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Choose the tumor decision's thresholds on validation data and "
                                                  "write them into the classifier's config.pbtxt.")
@@ -163,6 +173,18 @@ def main(args: argparse.Namespace) -> int:
     set_model_parameters(args.repository, "classifier", report["parameters"])  # type: ignore[arg-type]
     out = Path(args.repository) / "classifier" / "decision.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
+    # The classifier's card metrics depend on decision_alone and scope_threshold: recompute them.
+    from export.evaluate_keras import evaluate
+    from export.repository import replace_card_metrics
+
+    metrics = evaluate("classifier", data_root=args.data, repository=args.repository, threads=args.threads)
+    card = json.loads(card_metrics_text(Path(args.repository) / "classifier" / "MODEL_CARD.md"))
+    for key in ("calibration_validation",):
+        if key in card:
+            metrics[key] = card[key]
+    metrics["decision"] = report
+    replace_card_metrics(args.repository, "classifier", metrics,
+                         note="Recomputed by `python -m export export decision` with the thresholds it chose")
     print(json.dumps(report, indent=2))
     print(f"wrote the parameters into {args.repository / 'classifier' / 'config.pbtxt'} and the report to {out}")
     return 0

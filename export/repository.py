@@ -94,6 +94,17 @@ def set_model_parameters(repository: Path, name: str, parameters: dict[str, str]
     return spec
 
 
+def replace_card_metrics(repository: Path, name: str, metrics: dict[str, object], *, note: str) -> Path:
+    """Swap the metrics JSON of an existing MODEL_CARD.md (e.g. after its thresholds changed), with a dated note."""
+    path = repository / name / "MODEL_CARD.md"
+    text = path.read_text()
+    head = text.split("\n## Metrics")[0].rstrip() + "\n\n"
+    path.write_text(head + "\n".join([
+        "## Metrics (as computed by `python -m export evaluate`)", "", f"{note} ({dt.date.today().isoformat()})", "",
+        "```json", json.dumps(metrics, indent=2), "```", ""]))
+    return path
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
