@@ -63,11 +63,18 @@ def test_onnx_names_and_dynamic_batch(tiny_repository: Path, model: str, outputs
 
 
 def test_parity_check_catches_a_mismatched_graph(tiny_repository: Path) -> None:
+    import onnxruntime as ort
+
     from export.export_keras import ExportError, check_parity
     from export.keras_models import build_classifier
 
-    other = build_classifier(64, pretrained=False)  # fresh random weights
+    onnx_file = tiny_repository / "classifier" / "1" / "model.onnx"
     inputs = np.random.default_rng(0).random((2, 64, 64, 1), dtype=np.float32)
+    exported = ort.InferenceSession(str(onnx_file)).run(["probabilities"], {"image": inputs})[0]
+    other = build_classifier(64, pretrained=False)
+    kernel, bias = other.get_layer("logits").get_weights()
+    bias[(int(exported[0].argmax()) + 1) % len(bias)] += 1e4  # another class wins: not the exported graph
+    other.get_layer("logits").set_weights([kernel, bias])
     with pytest.raises(ExportError, match="differs from Keras"):
         check_parity(other, tiny_repository / "classifier" / "1" / "model.onnx", "classifier", inputs)
 
@@ -105,7 +112,7 @@ def test_training_smoke_then_export_with_parity(tmp_path: Path) -> None:
     load_initial_weights(fresh, savedmodel)
     probe = np.random.default_rng(3).random((2, 32, 32, 1)).astype(np.float32)
     np.testing.assert_allclose(fresh.predict(probe, verbose=0), keras_model.predict(probe, verbose=0), atol=1e-6)
-    with pytest.raises(ValueError, match="not a SavedModel of this architecture"):
+    with pytest.raises(ValueError, match="not a SavedModel of this architecture|the model wants"):
         load_initial_weights(build_unet(32, pretrained=False, decoder=(8, 8, 8, 8)), savedmodel)
 
 
