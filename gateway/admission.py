@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -65,21 +66,22 @@ class Admission:
         return header
 
     @contextlib.asynccontextmanager
-    async def admit_image(self, image: bytes | np.ndarray, timeout_s: float | None) -> AsyncIterator[ImageHeader]:
+    async def admit_image(self, image: bytes | np.ndarray, deadline: float | None) -> AsyncIterator[ImageHeader]:
         """measure(), then admit() with the pixels it found."""
         header = await self.measure(image)
-        async with self.admit(header.pixels, timeout_s):
+        async with self.admit(header.pixels, deadline):
             yield header
 
     @contextlib.asynccontextmanager
-    async def admit(self, pixels: int, timeout_s: float | None) -> AsyncIterator[None]:
-        """Hold one slot and `pixels` of the budget for the body of the `async with`.
+    async def admit(self, pixels: int, deadline: float | None) -> AsyncIterator[None]:
+        """Hold one slot and `pixels` of the budget for the body of the `async with`; `deadline`:
+        the request's (gateway.request_clock), None for none.
 
         `pixels` above the whole budget is clamped to it (the per-request limit, checked
         before, is what refuses such a request); such a request then runs alone.
         """
         pixels = min(max(0, pixels), self.max_pixels)
-        await self._acquire(pixels, timeout_s)
+        await self._acquire(pixels, deadline)
         try:
             yield
         finally:
@@ -90,11 +92,12 @@ class Admission:
     def _fits(self, pixels: int) -> bool:
         return self.in_flight < self.max_in_flight and self.pixels + pixels <= self.max_pixels
 
-    async def _acquire(self, pixels: int, timeout_s: float | None) -> None:
+    async def _acquire(self, pixels: int, deadline: float | None) -> None:
         if not self._waiters and self._fits(pixels):
             self._take(pixels)
             return
-        wait_s = 0.0 if timeout_s is None else max(0.0, timeout_s - min(0.25, 0.2 * timeout_s))
+        left_s = 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        wait_s = max(0.0, left_s - min(0.25, 0.2 * left_s))
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (pixels, waiter)
         self._waiters.append(entry)

@@ -42,6 +42,7 @@ from gateway.errors import BrainscanError, InvalidImage
 from gateway.status_codes import status_code_for
 from gateway.observability import request_id_var
 from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
+from gateway.request_clock import Stopwatch, deadline_after
 
 log = logging.getLogger("brainscan.gateway.kserve")
 
@@ -147,11 +148,11 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> kpb.ModelInferResponse:
-        started = time.perf_counter()
+        started, stopwatch = time.perf_counter(), Stopwatch()
         try:
             await self._check_model(request.model_name, request.model_version, context)
             image = image_from_request(request)
-            analysis = await self._analyze(image, options_from_parameters(request.parameters), context)
+            analysis = await self._analyze(image, options_from_parameters(request.parameters), context, stopwatch)
             response = response_from_analysis(analysis, self._labels, request)
         except grpc.aio.AbortError:
             raise
@@ -179,9 +180,14 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
                 f"unknown model {name!r} version {version!r}; this gateway serves {MODEL_NAME!r} version {MODEL_VERSION}",
             )
 
-    async def _analyze(self, image: bytes, options: AnalysisOptions, context: grpc.aio.ServicerContext) -> Analysis:
-        async with self.admission.admit_image(image, context.time_remaining()):
-            return await self.pipeline.analyze(image, options, timeout_s=context.time_remaining())
+    async def _analyze(
+        self, image: bytes, options: AnalysisOptions, context: grpc.aio.ServicerContext, stopwatch: Stopwatch
+    ) -> Analysis:
+        deadline = deadline_after(context.time_remaining())
+        async with self.admission.admit_image(image, deadline):
+            return await self.pipeline.run(
+                self.pipeline.decode_step(image), options, deadline=deadline, stopwatch=stopwatch
+            )
 
     def _pipeline_statistics(self) -> kpb.ModelStatistics:
         stats = _model_statistics(MODEL_NAME, MODEL_VERSION, self._stats)

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,7 +39,7 @@ from gateway.decision import (
     runs_localization,
     tumor_probability,
 )
-from gateway.errors import DeadlineExceeded, InvalidImage
+from gateway.errors import InvalidImage
 from gateway.postprocessing import (
     InstanceResult,
     SegmentationResult,
@@ -57,6 +56,7 @@ from gateway.preprocessing import (
     prepare,
     unit_gray_and_colour,
 )
+from gateway.request_clock import Stopwatch, time_left
 from gateway.scope import ScopeFlag, check_image
 
 SCOPE_OUTPUT = "in_scope"
@@ -83,14 +83,6 @@ class Analysis:
     detection_ran: bool
     scope: Scope
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-class _Stopwatch:
-    def __init__(self) -> None:
-        self.timings_ms: dict[str, float] = {}
-
-    def record(self, stage: str, started: float) -> None:
-        self.timings_ms[stage] = round((time.perf_counter() - started) * 1000.0, 3)
 
 
 class _Inputs:
@@ -138,70 +130,47 @@ class Pipeline:
     def model_versions(self) -> dict[str, str]:
         return {spec.name: spec.version for spec in self.backend.specs.values()}
 
-    async def decode(self, image: bytes | np.ndarray, *, all_frames: bool = False) -> list[DecodedImage]:
-        """Decode off the event loop; one image, or every frame of a multi-frame DICOM."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(self._decode, image, all_frames=all_frames))
+    def decode_step(self, image: bytes | np.ndarray) -> Callable[[], DecodedImage]:
+        """The decode step of a one-image request (Analyze, KServe): runs in the pipeline's front hop."""
+        return partial(self._decode_one, image)
 
-    async def analyze(
+    async def decode_frames(self, image: bytes | np.ndarray, stopwatch: Stopwatch) -> list[DecodedImage]:
+        """Every frame of a multi-frame DICOM, else the one image (AnalyzeStream, AnalyzeSeries), decoded off
+        the event loop; each frame then goes to `run` as `frame_step(frame)` with a `stopwatch.fork()`."""
+        max_side, max_pixels = self.config.max_image_side, self.config.max_request_pixels
+
+        def decode() -> list[DecodedImage]:
+            with stopwatch.stage("decode"):
+                if isinstance(image, (bytes, bytearray, memoryview)):
+                    return decode_frames(bytes(image), max_side=max_side, max_pixels=max_pixels)
+                return [self._decode_one(image)]
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, decode)
+
+    async def run(
         self,
-        image: bytes | np.ndarray,
-        options: AnalysisOptions = AnalysisOptions(),
-        *,
-        timeout_s: float | None = None,
-    ) -> Analysis:
-        loop = asyncio.get_running_loop()
-        size = self.backend.specs[_first_model(options)].input_size
-        timings: dict[str, float] = {}
-
-        def decode_and_prepare() -> _Inputs:
-            started = time.perf_counter()
-            (decoded,) = self._decode(image, all_frames=False)
-            timings["decode"] = (time.perf_counter() - started) * 1000.0
-            return _Inputs.first(decoded, size)
-
-        started = time.perf_counter()
-        inputs = await loop.run_in_executor(self._executor, decode_and_prepare)
-        front_ms = (time.perf_counter() - started) * 1000.0
-        remaining = None if timeout_s is None else timeout_s - front_ms / 1000.0
-        return await self._analyze(
-            inputs, options, timeout_s=remaining, decode_ms=timings["decode"], preprocess_ms=front_ms - timings["decode"]
-        )
-
-    async def analyze_decoded(
-        self,
-        decoded: DecodedImage,
-        options: AnalysisOptions = AnalysisOptions(),
-        *,
-        timeout_s: float | None = None,
-        decode_ms: float = 0.0,
-    ) -> Analysis:
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        size = self.backend.specs[_first_model(options)].input_size
-        inputs = await loop.run_in_executor(self._executor, _Inputs.first, decoded, size)
-        preprocess_ms = (time.perf_counter() - started) * 1000.0
-        remaining = None if timeout_s is None else timeout_s - preprocess_ms / 1000.0
-        return await self._analyze(inputs, options, timeout_s=remaining, decode_ms=decode_ms, preprocess_ms=preprocess_ms)
-
-    async def _analyze(
-        self,
-        inputs: _Inputs,
+        decode: Callable[[], DecodedImage],
         options: AnalysisOptions,
         *,
-        timeout_s: float | None,
-        decode_ms: float,
-        preprocess_ms: float,
+        deadline: float | None,
+        stopwatch: Stopwatch,
     ) -> Analysis:
+        """The one request path. `decode` runs in the front hop with the brain crop and the first model's
+        tensor; `deadline` (gateway.request_clock) goes unchanged to every backend call; every stage
+        records into `stopwatch`, started when the request arrived."""
         loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        watch = _Stopwatch()
-        watch.timings_ms["decode"] = round(decode_ms, 3)
-        watch.timings_ms["preprocess"] = round(preprocess_ms, 3)
-        total_started = time.perf_counter() - (decode_ms + preprocess_ms) / 1000.0
+        size = self.backend.specs[_first_model(options)].input_size
+
+        def front() -> _Inputs:
+            with stopwatch.stage("decode"):
+                decoded = decode()
+            with stopwatch.stage("preprocess"):
+                return _Inputs.first(decoded, size)
+
+        inputs = await loop.run_in_executor(self._executor, front)
         decoded = inputs.decoded
         if options.gate:
-            by_label, in_scope = await self._classify(inputs, deadline, watch)
+            by_label, in_scope = await self._classify(inputs, deadline, stopwatch)
             scope = assess_scope(in_scope, inputs.image_flag, self.decision)
             localize = runs_localization(by_label, scope, self.decision)
             segment, detect = localize and options.segment, localize and options.detect
@@ -211,16 +180,16 @@ class Pipeline:
             if sizes:
                 await loop.run_in_executor(self._executor, inputs.prepare_all, sizes)
             instances, (segmentation, mask_fraction) = await _all(
-                self._detect(inputs, deadline, watch) if detect else _value([]),
-                self._segment(inputs, deadline, watch) if segment else _value((None, None)),
+                self._detect(inputs, deadline, stopwatch) if detect else _value([]),
+                self._segment(inputs, deadline, stopwatch) if segment else _value((None, None)),
             )
         else:
             segment, detect = options.segment, options.detect
             # The tasks start in this order: the Mask R-CNN, whose tensor is already prepared, first.
             instances, (by_label, in_scope), (segmentation, mask_fraction) = await _all(
-                self._detect(inputs, deadline, watch) if detect else _value([]),
-                self._classify(inputs, deadline, watch),
-                self._segment(inputs, deadline, watch) if segment else _value((None, None)),
+                self._detect(inputs, deadline, stopwatch) if detect else _value([]),
+                self._classify(inputs, deadline, stopwatch),
+                self._segment(inputs, deadline, stopwatch) if segment else _value((None, None)),
             )
             scope = assess_scope(in_scope, inputs.image_flag, self.decision)
         evidence = Evidence(
@@ -232,7 +201,6 @@ class Pipeline:
         if options.gate and not decision.tumor_detected:
             # Gated answers show localization only with a tumor finding (a sub-threshold mask is no finding).
             segmentation, instances = None, []
-        watch.record("total", total_started)
         analysis = Analysis(
             label=decision.label,
             probabilities=by_label,
@@ -245,33 +213,30 @@ class Pipeline:
             segmentation_ran=segment,
             detection_ran=detect,
             scope=decision.scope,
-            timings_ms=watch.timings_ms,
+            timings_ms=stopwatch.stop(),
         )
         return analysis
 
-    def _decode(self, image: bytes | np.ndarray, *, all_frames: bool) -> list[DecodedImage]:
+    def _decode_one(self, image: bytes | np.ndarray) -> DecodedImage:
         max_side, max_pixels = self.config.max_image_side, self.config.max_request_pixels
         if isinstance(image, np.ndarray):
             pixels, colour = unit_gray_and_colour(image, max_side=max_side)
-            return [DecodedImage(pixels=pixels, colour_fraction=colour)]
+            return DecodedImage(pixels=pixels, colour_fraction=colour)
         if isinstance(image, (bytes, bytearray, memoryview)):
-            if all_frames:
-                return decode_frames(bytes(image), max_side=max_side, max_pixels=max_pixels)
-            return [decode_image(bytes(image), max_side=max_side, max_pixels=max_pixels)]
+            return decode_image(bytes(image), max_side=max_side, max_pixels=max_pixels)
         raise InvalidImage(f"unsupported image type {type(image).__name__}")
 
     async def _classify(
-        self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch
+        self, inputs: _Inputs, deadline: float | None, stopwatch: Stopwatch
     ) -> tuple[dict[str, float], float | None]:
         """Class probabilities by label, and the in_scope probability (None when the model has no such output)."""
         loop = asyncio.get_running_loop()
         spec = self.backend.specs["classifier"]
         prepared = await self._prepared(inputs, spec.input_size)
-        started = time.perf_counter()
-        outputs = await self.backend.infer(
-            "classifier", {"image": prepared.tensor[None, :, :, None]}, timeout_s=_remaining(deadline, loop, "classifier")
-        )
-        watch.record("classifier", started)
+        time_left(deadline, "classifier")
+        with stopwatch.stage("classifier"):
+            feed = {"image": prepared.tensor[None, :, :, None]}
+            outputs = await self.backend.infer("classifier", feed, deadline=deadline)
         probabilities = outputs["probabilities"][0].astype(np.float64)
         in_scope = outputs.get(SCOPE_OUTPUT)
         by_label = {label: float(p) for label, p in zip(spec.labels, probabilities)}
@@ -282,19 +247,16 @@ class Pipeline:
         return inputs.cached(size) or await asyncio.get_running_loop().run_in_executor(self._executor, inputs.get, size)
 
     async def _segment(
-        self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch
+        self, inputs: _Inputs, deadline: float | None, stopwatch: Stopwatch
     ) -> tuple[SegmentationResult | None, float]:
         """The mask in original pixels, and the share of the U-Net's grid it covers (the decision's evidence)."""
         loop = asyncio.get_running_loop()
         spec = self.backend.specs["unet"]
         decoded = inputs.decoded
         prepared = await self._prepared(inputs, spec.input_size)
-        started = time.perf_counter()
-        outputs = await self.backend.infer(
-            "unet", {"image": prepared.tensor[None, :, :, None]}, timeout_s=_remaining(deadline, loop, "unet")
-        )
-        watch.record("unet", started)
-        started = time.perf_counter()
+        time_left(deadline, "unet")
+        with stopwatch.stage("unet"):
+            outputs = await self.backend.infer("unet", {"image": prepared.tensor[None, :, :, None]}, deadline=deadline)
         probabilities = outputs["mask"][0, :, :, 0]
         threshold = self.config.mask_threshold
 
@@ -303,37 +265,36 @@ class Pipeline:
             mask = segmentation_from_unet(probabilities, prepared, threshold=threshold, spacing=decoded.pixel_spacing_mm)
             return mask, fraction
 
-        result = await loop.run_in_executor(self._executor, postprocess)
-        watch.record("unet_postprocess", started)
-        return result
+        with stopwatch.stage("unet_postprocess"):
+            return await loop.run_in_executor(self._executor, postprocess)
 
-    async def _detect(self, inputs: _Inputs, deadline: float | None, watch: _Stopwatch) -> list[InstanceResult]:
+    async def _detect(self, inputs: _Inputs, deadline: float | None, stopwatch: Stopwatch) -> list[InstanceResult]:
         loop = asyncio.get_running_loop()
         spec = self.backend.specs["maskrcnn"]
         size = spec.input_size
         decoded = inputs.decoded
         prepared = await self._prepared(inputs, size)
-        started = time.perf_counter()
-        outputs = await self.backend.infer(
-            "maskrcnn", {"image": prepared.tensor[None]}, timeout_s=_remaining(deadline, loop, "maskrcnn")
+        time_left(deadline, "maskrcnn")
+        with stopwatch.stage("maskrcnn"):
+            outputs = await self.backend.infer("maskrcnn", {"image": prepared.tensor[None]}, deadline=deadline)
+        postprocess = partial(
+            instances_from_maskrcnn,
+            outputs["boxes"],
+            outputs["scores"],
+            outputs["masks"],
+            prepared,
+            grid_size=size,
+            score_threshold=self.config.detection_threshold,
+            mask_threshold=self.config.mask_threshold,
+            spacing=decoded.pixel_spacing_mm,
         )
-        watch.record("maskrcnn", started)
-        started = time.perf_counter()
-        result = await loop.run_in_executor(
-            self._executor,
-            lambda: instances_from_maskrcnn(
-                outputs["boxes"],
-                outputs["scores"],
-                outputs["masks"],
-                prepared,
-                grid_size=size,
-                score_threshold=self.config.detection_threshold,
-                mask_threshold=self.config.mask_threshold,
-                spacing=decoded.pixel_spacing_mm,
-            ),
-        )
-        watch.record("maskrcnn_postprocess", started)
-        return result
+        with stopwatch.stage("maskrcnn_postprocess"):
+            return await loop.run_in_executor(self._executor, postprocess)
+
+
+def frame_step(decoded: DecodedImage) -> Callable[[], DecodedImage]:
+    """The decode step of one frame already decoded with its file (`Pipeline.decode_frames`)."""
+    return lambda: decoded
 
 
 def _first_model(options: AnalysisOptions) -> str:
@@ -371,12 +332,3 @@ async def _all(*steps: Awaitable[Any]) -> list[Any]:
         for task in tasks:
             task.cancel()
         raise
-
-
-def _remaining(deadline: float | None, loop: asyncio.AbstractEventLoop, stage: str) -> float | None:
-    if deadline is None:
-        return None
-    remaining = deadline - loop.time()
-    if remaining <= 0:
-        raise DeadlineExceeded(f"deadline exceeded before the {stage} stage")
-    return remaining

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -26,7 +25,8 @@ import numpy as np
 from gateway.admission import Admission
 from gateway.dicom_seg import measurement_report_bytes, segmentation_bytes
 from gateway.errors import BrainscanError, InvalidImage, InvalidSeries, Overloaded, RequestTooLarge
-from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
+from gateway.pipeline import Analysis, AnalysisOptions, Pipeline, frame_step
+from gateway.request_clock import Stopwatch
 from gateway.series import (
     DicomFile,
     OrderedSeries,
@@ -76,12 +76,12 @@ class SeriesAnalyzer:
         dicom_seg: bool,
         dicom_sr: bool = False,
         admission: Admission,
-        time_remaining: Callable[[], float | None],
+        deadline: float | None,
     ) -> None:
         self.pipeline, self.options = pipeline, options
         self.group_series, self.dicom_seg, self.dicom_sr = group_series, dicom_seg or dicom_sr, dicom_sr
         self._admission = admission  # the gateway's one limit, shared with Analyze and KServe
-        self._time_remaining = time_remaining  # the call's deadline
+        self._deadline = deadline  # the call's (gateway.request_clock)
         self._files: list[DicomFile] = []
         self._skipped: list[Skipped] = []
         self._analyses: dict[tuple[int, int], Analysis] = {}
@@ -89,8 +89,8 @@ class SeriesAnalyzer:
         self._room = asyncio.Semaphore(FILES_AT_ONCE)
         self._count = 0
 
-    async def add(self, data: bytes) -> int:
-        """Take the next file; returns its index (the order of arrival)."""
+    async def add(self, data: bytes, stopwatch: Stopwatch) -> int:
+        """Take the next file, `stopwatch` started as it arrived; returns its index (the order of arrival)."""
         index = self._count
         self._count += 1
         if self._count > MAX_FILES:
@@ -107,7 +107,7 @@ class SeriesAnalyzer:
             self._room.release()
             raise
         self._files.append(header)
-        self._tasks.append(asyncio.ensure_future(self._analyze_file(header, data)))
+        self._tasks.append(asyncio.ensure_future(self._analyze_file(header, data, stopwatch)))
         return index
 
     async def finish(self) -> tuple[list[SeriesOutcome], list[Skipped]]:
@@ -137,17 +137,19 @@ class SeriesAnalyzer:
             "ask for grouping (group_series, `--group-series`) to get one result per series"
         )
 
-    async def _analyze_file(self, file: DicomFile, data: bytes) -> None:
+    async def _analyze_file(self, file: DicomFile, data: bytes, stopwatch: Stopwatch) -> None:
         try:
-            async with self._admission.admit_image(data, self._time_remaining()):
-                frames = await self.pipeline.decode(data, all_frames=True)
+            async with self._admission.admit_image(data, self._deadline):
+                frames = await self.pipeline.decode_frames(data, stopwatch)
                 if len(frames) != len(file.slices):
                     self._skipped.append(
                         Skipped(file.index, f"{len(frames)} frames decoded, {len(file.slices)} in the header")
                     )
                     return
                 for frame, decoded in enumerate(frames):
-                    self._analyses[(file.index, frame)] = await self.pipeline.analyze_decoded(decoded, self.options)
+                    self._analyses[(file.index, frame)] = await self.pipeline.run(
+                        frame_step(decoded), self.options, deadline=self._deadline, stopwatch=stopwatch.fork()
+                    )
         except (InvalidImage, Overloaded) as error:  # refused at admission, or undecodable
             self._skipped.append(Skipped(file.index, str(error), error))
         finally:

@@ -15,9 +15,10 @@ from gateway.admission import Admission
 from gateway.observability import Metrics, request_id_var
 from gateway.errors import BrainscanError, InvalidImage
 from gateway.status_codes import status_code_for
-from gateway.pipeline import Analysis, AnalysisOptions, Pipeline
+from gateway.pipeline import Analysis, AnalysisOptions, Pipeline, frame_step
 from gateway.postprocessing import MaskRegion
 from gateway.preprocessing import DEFAULT_MAX_SIDE, check_size
+from gateway.request_clock import Stopwatch, deadline_after
 from gateway.contract import DISCLAIMER
 from gateway.decision import Scope
 from gateway.series import Skipped
@@ -48,14 +49,15 @@ class BrainScanService(pb_grpc.BrainScanServicer):
         self, request_iterator: AsyncIterator[pb.AnalyzeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AnalyzeResponse]:
         async for request in request_iterator:
+            stopwatch, deadline = Stopwatch(), deadline_after(context.time_remaining())
             try:
                 image, options = self._image(request), options_from_request(request)
                 # Admitted for all its frames before any is decoded; the decoded frames live until the last is done.
-                async with self.admission.admit_image(image, context.time_remaining()):
-                    frames = await self.pipeline.decode(image, all_frames=True)
+                async with self.admission.admit_image(image, deadline):
+                    frames = await self.pipeline.decode_frames(image, stopwatch)
                     for index, decoded in enumerate(frames):
-                        analysis = await self.pipeline.analyze_decoded(
-                            decoded, options, timeout_s=context.time_remaining()
+                        analysis = await self.pipeline.run(
+                            frame_step(decoded), options, deadline=deadline, stopwatch=stopwatch.fork()
                         )
                         response = self._respond(analysis, request.image_id)
                         response.frame = index
@@ -119,9 +121,12 @@ class BrainScanService(pb_grpc.BrainScanServicer):
         )
 
     async def _analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
+        stopwatch, deadline = Stopwatch(), deadline_after(context.time_remaining())
         image, options = self._image(request), options_from_request(request)
-        async with self.admission.admit_image(image, context.time_remaining()):
-            analysis = await self.pipeline.analyze(image, options, timeout_s=context.time_remaining())
+        async with self.admission.admit_image(image, deadline):
+            analysis = await self.pipeline.run(
+                self.pipeline.decode_step(image), options, deadline=deadline, stopwatch=stopwatch
+            )
         return self._respond(analysis, request.image_id)
 
     async def _analyze_series(
@@ -139,10 +144,10 @@ class BrainScanService(pb_grpc.BrainScanServicer):
                     dicom_seg=series_options.dicom_seg,
                     dicom_sr=series_options.dicom_sr,
                     admission=self.admission,
-                    time_remaining=context.time_remaining,
+                    deadline=deadline_after(context.time_remaining()),
                 )
             file_ids.append(request.file_id)
-            await analyzer.add(request.dicom)
+            await analyzer.add(request.dicom, Stopwatch())
         if analyzer is None:
             raise InvalidImage("AnalyzeSeries received no files")
         outcomes, skipped = await analyzer.finish()

@@ -33,6 +33,7 @@ from brainscan_proto.v1 import brainscan_pb2_grpc as pb_grpc
 from gateway.admission import Admission
 from gateway.errors import InvalidImage, Overloaded
 from gateway.preprocessing import decode_frames, decode_image
+from gateway.request_clock import deadline_after
 from tests.conftest import PROJECT_ROOT, png_bytes, start_gateway, stop_gateway, synthetic_slice
 from tests.dicom_factory import dicom_bytes
 
@@ -196,7 +197,7 @@ def test_one_admission_limit_counts_slots_and_pixels_first_come_first_served():
 
         async def run(name: str, pixels: int, hold_s: float, timeout_s: float | None = 5.0) -> None:
             try:
-                async with admission.admit(pixels, timeout_s):
+                async with admission.admit(pixels, deadline_after(timeout_s)):
                     order.append(name)
                     await asyncio.sleep(hold_s)
             except Overloaded as refused:

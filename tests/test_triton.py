@@ -28,6 +28,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from gateway.backends.triton import TritonBackend
 from gateway.contract import CONFIG_FILE, MODEL_FILE, load_repository, parse_config
 from gateway.errors import BackendUnavailable, ContractError
+from gateway.request_clock import deadline_after
 from triton_local.runner import LocalTriton, TritonStartupError, build_shim_repository, diagnose, shim_config
 from tests.conftest import slice_folder
 
@@ -196,7 +197,7 @@ def test_backend_matches_onnxruntime(running_triton: LocalTriton, tiny_repositor
             assert backend.kind == "triton" and await backend.is_ready()
             for role, spec in backend.specs.items():
                 inputs = model_inputs(spec, rng)
-                served = await backend.infer(role, inputs, timeout_s=60)
+                served = await backend.infer(role, inputs, deadline=deadline_after(60))
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = 1
                 session = ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
@@ -278,18 +279,18 @@ def test_health_flips_while_triton_is_down_and_back(running_triton: LocalTriton,
         inputs = model_inputs(spec, np.random.default_rng(1), batch=1)
         url = running_triton.grpc_url
         try:
-            before = await backend.infer("classifier", inputs, timeout_s=30)
+            before = await backend.infer("classifier", inputs, deadline=deadline_after(30))
             running_triton.stop()
             assert not await backend.is_ready()
             with pytest.raises(BackendUnavailable, match=r"'classifier' .*unavailable after 3 attempt"):
-                await backend.infer("classifier", inputs, timeout_s=10)
+                await backend.infer("classifier", inputs, deadline=deadline_after(10))
             running_triton.start()  # same ports
             assert running_triton.grpc_url == url
             deadline = time.monotonic() + 30
             while not await backend.is_ready():
                 assert time.monotonic() < deadline, "backend did not report ready after Triton returned"
                 await asyncio.sleep(0.2)
-            after = await backend.infer("classifier", inputs, timeout_s=30)
+            after = await backend.infer("classifier", inputs, deadline=deadline_after(30))
             np.testing.assert_allclose(after["probabilities"], before["probabilities"], rtol=1e-6)
         finally:
             await backend.close()

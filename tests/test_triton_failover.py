@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from brainscan import Client, ServerUnavailable
 from gateway.backends.triton import TritonBackend
 from gateway.config import load_config, triton_targets
+from gateway.request_clock import deadline_after
 from gateway.server import LIVENESS_SERVICE
 from triton_local.runner import LocalTriton
 from tests.conftest import png_bytes, start_gateway, stop_gateway, synthetic_slice
@@ -191,7 +192,7 @@ def test_calls_in_flight_on_a_dying_server_are_retried_on_the_other(
         async def caller() -> None:
             while not stop.is_set():
                 try:
-                    await backend.infer("maskrcnn", inputs, timeout_s=CALL_TIMEOUT_S)
+                    await backend.infer("maskrcnn", inputs, deadline=deadline_after(CALL_TIMEOUT_S))
                     outcomes["ok"] += 1
                 except Exception as error:
                     outcomes[repr(error)] += 1
@@ -224,7 +225,7 @@ def test_a_dns_target_stands_for_every_address_it_resolves_to(running_triton: Lo
             assert f"127.0.0.1:{port}" in backend.endpoints and await backend.is_ready()
             spec = backend.specs["classifier"]
             image = np.zeros((1, *[spec.input_size if d < 0 else d for d in spec.inputs[0].dims]), np.float32)
-            answer = await backend.infer("classifier", {spec.inputs[0].name: image}, timeout_s=30)
+            answer = await backend.infer("classifier", {spec.inputs[0].name: image}, deadline=deadline_after(30))
             assert answer["probabilities"].shape[0] == 1
         finally:
             await backend.close()

@@ -17,7 +17,8 @@ class Backend(Protocol):
     out: with a leading batch dimension when the model's max_batch_size > 0,
     without one otherwise. It returns every output the spec declares. It raises
     `BackendUnavailable` when the model server cannot be reached and
-    `DeadlineExceeded` when `timeout_s` runs out.
+    `DeadlineExceeded` when `deadline` passes: the request's absolute deadline on
+    time.monotonic() (gateway.request_clock), None for none.
     """
 
     kind: str  # "embedded" or "triton"
@@ -27,7 +28,7 @@ class Backend(Protocol):
         """Load and validate every model; raise ContractError on a mismatch."""
 
     async def infer(
-        self, model: str, inputs: dict[str, np.ndarray], *, timeout_s: float | None = None
+        self, model: str, inputs: dict[str, np.ndarray], *, deadline: float | None = None
     ) -> dict[str, np.ndarray]: ...
 
     async def is_ready(self) -> bool: ...

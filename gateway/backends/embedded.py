@@ -107,17 +107,18 @@ class EmbeddedBackend:
         self.budget.slowest = max(warmup_s, key=warmup_s.__getitem__) if warmup_s else None
 
     async def infer(
-        self, model: str, inputs: dict[str, np.ndarray], *, timeout_s: float | None = None
+        self, model: str, inputs: dict[str, np.ndarray], *, deadline: float | None = None
     ) -> dict[str, np.ndarray]:
         batcher = self._batchers.get(model)
         if batcher is not None:
             call = batcher.submit(inputs)
         else:
             call = self._run_direct(model, inputs)
+        timeout_s = None if deadline is None else deadline - time.monotonic()
         try:
             return await asyncio.wait_for(call, timeout=timeout_s)
         except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"model {model!r} did not answer within {timeout_s:.3f} s") from None
+            raise DeadlineExceeded(f"model {model!r} did not answer by the request's deadline") from None
 
     def run_session(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One blocking session call (any thread); every output the spec declares, by name."""

@@ -35,6 +35,7 @@ import asyncio
 import itertools
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,7 +144,7 @@ class TritonBackend:
     # --- inference ---------------------------------------------------------
 
     async def infer(
-        self, model: str, inputs: dict[str, np.ndarray], *, timeout_s: float | None = None
+        self, model: str, inputs: dict[str, np.ndarray], *, deadline: float | None = None
     ) -> dict[str, np.ndarray]:
         if model not in self.specs:
             raise ContractError(f"unknown model {model!r}; the repository has {sorted(self.specs)}")
@@ -155,14 +156,12 @@ class TritonBackend:
         if extra:
             raise ContractError(f"model {spec.name!r} has no input(s) {extra}; it takes {[t.name for t in spec.inputs]}")
         outputs = [InferRequestedOutput(t.name) for t in spec.outputs]
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
         tried: list[str] = []
         attempt = 0
         while True:
-            remaining = None if deadline is None else deadline - loop.time()
+            remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise DeadlineExceeded(f"model {spec.name!r}: no time left for Triton (timeout {timeout_s:.3f} s)")
+                raise DeadlineExceeded(f"model {spec.name!r}: no time left for Triton by the request's deadline")
             endpoint = self._pick(tried)
             endpoint.in_flight += 1
             try:
@@ -172,15 +171,15 @@ class TritonBackend:
             except InferenceServerException as exc:
                 tried.append(endpoint.url)
                 if _status(exc) != "UNAVAILABLE":
-                    raise self._error(exc, spec, tried, timeout_s) from None
+                    raise self._error(exc, spec, tried) from None
                 self._take_out(endpoint, exc.message())
                 if attempt >= self.max_retries:
-                    raise self._error(exc, spec, tried, timeout_s) from None
+                    raise self._error(exc, spec, tried) from None
                 log.debug("model %r: Triton %s answered UNAVAILABLE (%s); retrying", spec.name, endpoint.url, exc.message())
                 # another ready endpoint: go now; none: give the servers a moment
                 delay = 0.0 if self._ready_besides(tried) else min(self.backoff_s * 2**attempt, self.max_backoff_s)
-                if deadline is not None and loop.time() + delay >= deadline:
-                    raise self._error(exc, spec, tried, timeout_s) from None
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise self._error(exc, spec, tried) from None
                 attempt += 1
                 await asyncio.sleep(delay)
             finally:
@@ -339,12 +338,12 @@ class TritonBackend:
         endpoint.verified = True
 
     def _error(
-        self, exc: InferenceServerException, spec: ModelSpec, tried: list[str], timeout_s: float | None
+        self, exc: InferenceServerException, spec: ModelSpec, tried: list[str]
     ) -> BrainscanError:
         status, message = _status(exc), exc.message()
         where = f"model {spec.name!r} on Triton at {tried[-1]}"
         if status == "DEADLINE_EXCEEDED":
-            return DeadlineExceeded(f"{where} did not answer within {timeout_s:.3f} s")
+            return DeadlineExceeded(f"{where} did not answer by the request's deadline")
         if status == "INVALID_ARGUMENT":
             return ContractError(f"{where} refused the request: {message}")
         if status == "RESOURCE_EXHAUSTED":
