@@ -12,7 +12,8 @@ what the models returned. The rule (README "How the answer is decided"):
    only the image-level checks apply.
 2. Tumor. With p = 1 - p(no_tumor):
    - when the client asked for a localization model (U-Net or Mask R-CNN):
-     tumor = p >= strong, or p >= gate and localized evidence, where evidence
+     tumor = p >= strong, or the slice passed the gate (p >= gate, decided once
+     per slice by `passes_gate`) and there is localized evidence, where evidence
      is a U-Net mask covering >= min_mask_fraction of the U-Net's input grid or
      any Mask R-CNN instance scoring >= the detection threshold. Gated, those
      models run only when p >= gate, so gated and ungated answers agree;
@@ -139,8 +140,10 @@ def assess_scope(in_scope: float | None, image_flag: ScopeFlag | None, params: D
     return Scope(True, "", "", in_scope)
 
 
-def runs_localization(probabilities: Mapping[str, float], scope: Scope, params: DecisionParameters) -> bool:
-    """Gated requests run the U-Net / Mask R-CNN only on a judged slice with p(tumor) >= gate."""
+def passes_gate(probabilities: Mapping[str, float], scope: Scope, params: DecisionParameters) -> bool:
+    """A judged slice with p(tumor) >= gate: gated requests run the U-Net / Mask R-CNN only on these, and
+    only these can be a tumor on localized evidence. The pipeline asks once per slice and hands the answer
+    to `decide`."""
     return scope.assessed and tumor_probability(probabilities) >= params.gate
 
 
@@ -151,14 +154,16 @@ def decide(
     params: DecisionParameters,
     *,
     localization_asked: bool,
+    gate_passed: bool,
 ) -> Decision:
     """The rule in the module docstring; `localization_asked`: the client did not skip both the U-Net and
-    the Mask R-CNN (gated requests count as asked even when the gate kept them from running)."""
+    the Mask R-CNN (gated requests count as asked even when the gate kept them from running);
+    `gate_passed`: `passes_gate` for this slice."""
     if not scope.assessed:
         return Decision(False, NOT_ASSESSED, scope)
     p = tumor_probability(probabilities)
     if localization_asked:
-        tumor = p >= params.strong or (p >= params.gate and has_evidence(evidence, params))
+        tumor = p >= params.strong or (gate_passed and has_evidence(evidence, params))
     else:
         tumor = p >= params.alone
     return Decision(tumor, tumor_label(probabilities) if tumor else NO_TUMOR, scope)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from gateway.errors import InvalidImage
 
@@ -34,6 +34,8 @@ class ImageHeader:
     width: int
     height: int
     frames: int = 1
+    # A DICOM's parsed dataset (gateway.dicom_decode.ParsedDicom), so that decoding does not parse it again
+    parsed: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def pixels(self) -> int:
@@ -71,7 +73,8 @@ def read_header(data: bytes) -> ImageHeader:
     if looks_like_dicom(data):
         from gateway.dicom_decode import parse_dicom
 
-        return parse_dicom(data).header
+        parsed = parse_dicom(data)
+        return replace(parsed.header, parsed=parsed)
     raise InvalidImage(
         f"unrecognised image format ({len(data)} bytes, starts with {data[:8].hex()}); send PNG, JPEG or DICOM"
     )

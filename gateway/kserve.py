@@ -184,9 +184,9 @@ class KServeService(kgrpc.GRPCInferenceServiceServicer):
         self, image: bytes, options: AnalysisOptions, context: grpc.aio.ServicerContext, stopwatch: Stopwatch
     ) -> Analysis:
         deadline = deadline_after(context.time_remaining())
-        async with self.admission.admit_image(image, deadline):
+        async with self.admission.admit_image(image, deadline) as header:
             return await self.pipeline.run(
-                self.pipeline.decode_step(image), options, deadline=deadline, stopwatch=stopwatch
+                self.pipeline.decode_step(image, header), options, deadline=deadline, stopwatch=stopwatch
             )
 
     def _pipeline_statistics(self) -> kpb.ModelStatistics:

@@ -36,10 +36,10 @@ from gateway.decision import (
     Scope,
     assess_scope,
     decide,
-    runs_localization,
+    passes_gate,
     tumor_probability,
 )
-from gateway.errors import InvalidImage
+from gateway.image_header import ImageHeader
 from gateway.postprocessing import (
     InstanceResult,
     SegmentationResult,
@@ -130,20 +130,23 @@ class Pipeline:
     def model_versions(self) -> dict[str, str]:
         return {spec.name: spec.version for spec in self.backend.specs.values()}
 
-    def decode_step(self, image: bytes | np.ndarray) -> Callable[[], DecodedImage]:
-        """The decode step of a one-image request (Analyze, KServe): runs in the pipeline's front hop."""
-        return partial(self._decode_one, image)
+    def decode_step(self, image: bytes | np.ndarray, header: ImageHeader) -> Callable[[], DecodedImage]:
+        """The decode step of a one-image request (Analyze, KServe), with the header its admission read
+        (gateway.admission: the one place the image's kind is worked out): runs in the front hop."""
+        return partial(self._decode_one, image, header)
 
-    async def decode_frames(self, image: bytes | np.ndarray, stopwatch: Stopwatch) -> list[DecodedImage]:
+    async def decode_frames(
+        self, image: bytes | np.ndarray, header: ImageHeader, stopwatch: Stopwatch
+    ) -> list[DecodedImage]:
         """Every frame of a multi-frame DICOM, else the one image (AnalyzeStream, AnalyzeSeries), decoded off
         the event loop; each frame then goes to `run` as `frame_step(frame)` with a `stopwatch.fork()`."""
         max_side, max_pixels = self.config.max_image_side, self.config.max_request_pixels
 
         def decode() -> list[DecodedImage]:
             with stopwatch.stage("decode"):
-                if isinstance(image, (bytes, bytearray, memoryview)):
-                    return decode_frames(bytes(image), max_side=max_side, max_pixels=max_pixels)
-                return [self._decode_one(image)]
+                if isinstance(image, bytes):
+                    return decode_frames(image, header=header, max_side=max_side, max_pixels=max_pixels)
+                return [self._decode_one(image, header)]
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, decode)
 
@@ -172,8 +175,8 @@ class Pipeline:
         if options.gate:
             by_label, in_scope = await self._classify(inputs, deadline, stopwatch)
             scope = assess_scope(in_scope, inputs.image_flag, self.decision)
-            localize = runs_localization(by_label, scope, self.decision)
-            segment, detect = localize and options.segment, localize and options.detect
+            gate_passed = passes_gate(by_label, scope, self.decision)
+            segment, detect = gate_passed and options.segment, gate_passed and options.detect
             # Both tensors in one hop, the Mask R-CNN's first, so that it reaches the backend first
             # and keeps every core (the embedded backend's ThreadBudget); the U-Net runs beside it.
             sizes = [self.backend.specs[m].input_size for m, on in (("maskrcnn", detect), ("unet", segment)) if on]
@@ -192,11 +195,17 @@ class Pipeline:
                 self._segment(inputs, deadline, stopwatch) if segment else _value((None, None)),
             )
             scope = assess_scope(in_scope, inputs.image_flag, self.decision)
+            gate_passed = passes_gate(by_label, scope, self.decision)
         evidence = Evidence(
             mask_fraction=mask_fraction, max_instance_score=max((i.score for i in instances), default=None)
         )
         decision: Decision = decide(
-            by_label, scope, evidence, self.decision, localization_asked=options.segment or options.detect
+            by_label,
+            scope,
+            evidence,
+            self.decision,
+            localization_asked=options.segment or options.detect,
+            gate_passed=gate_passed,
         )
         if options.gate and not decision.tumor_detected:
             # Gated answers show localization only with a tumor finding (a sub-threshold mask is no finding).
@@ -217,14 +226,12 @@ class Pipeline:
         )
         return analysis
 
-    def _decode_one(self, image: bytes | np.ndarray) -> DecodedImage:
+    def _decode_one(self, image: bytes | np.ndarray, header: ImageHeader) -> DecodedImage:
         max_side, max_pixels = self.config.max_image_side, self.config.max_request_pixels
         if isinstance(image, np.ndarray):
             pixels, colour = unit_gray_and_colour(image, max_side=max_side)
             return DecodedImage(pixels=pixels, colour_fraction=colour)
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            return decode_image(bytes(image), max_side=max_side, max_pixels=max_pixels)
-        raise InvalidImage(f"unsupported image type {type(image).__name__}")
+        return decode_image(image, header=header, max_side=max_side, max_pixels=max_pixels)
 
     async def _classify(
         self, inputs: _Inputs, deadline: float | None, stopwatch: Stopwatch

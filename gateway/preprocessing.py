@@ -21,12 +21,12 @@ from gateway.errors import InvalidImage
 from gateway.scope import colour_fraction
 from gateway.image_header import (
     MAX_JPEG_SCANS,
+    ImageHeader,
     check_pixel_limit,
     check_png_integrity,
     jpeg_header,
     jpeg_is_complete,
     jpeg_scans,
-    looks_like_dicom,
     read_header,
 )
 
@@ -87,20 +87,30 @@ class PreparedImage:
 
 
 def decode_image(
-    data: bytes, *, max_side: int = DEFAULT_MAX_SIDE, max_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    data: bytes,
+    *,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+    header: ImageHeader | None = None,
 ) -> DecodedImage:
     """Decode PNG, JPEG (8-bit, gray/RGB) or DICOM bytes to the unit scale.
 
     Sizes are checked from the header before any pixel is decoded; damaged data is refused, never padded.
+    `header`: the one `read_header` already gave (the gateway's admission), so the format is not sniffed
+    and a DICOM not parsed a second time.
     """
-    return _decode(data, max_side=max_side, max_pixels=max_pixels, all_frames=False)[0]
+    return _decode(data, header, max_side=max_side, max_pixels=max_pixels, all_frames=False)[0]
 
 
 def decode_frames(
-    data: bytes, *, max_side: int = DEFAULT_MAX_SIDE, max_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    data: bytes,
+    *,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+    header: ImageHeader | None = None,
 ) -> list[DecodedImage]:
     """Like decode_image, but a multi-frame DICOM gives one image per frame (`max_pixels` counts them all)."""
-    return _decode(data, max_side=max_side, max_pixels=max_pixels, all_frames=True)
+    return _decode(data, header, max_side=max_side, max_pixels=max_pixels, all_frames=True)
 
 
 def to_unit_gray(array: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE, bgr: bool = False) -> np.ndarray:
@@ -287,13 +297,18 @@ def _rescale_to_unit(array: np.ndarray, *, source_dtype: np.dtype) -> np.ndarray
     return values
 
 
-def _decode(data: bytes, *, max_side: int, max_pixels: int, all_frames: bool) -> list[DecodedImage]:
+def _decode(
+    data: bytes, header: ImageHeader | None, *, max_side: int, max_pixels: int, all_frames: bool
+) -> list[DecodedImage]:
     if not data:
         raise InvalidImage("image is empty (0 bytes)")
-    if looks_like_dicom(data):
-        return _decode_dicom(data, max_side=max_side, max_pixels=max_pixels, all_frames=all_frames)
-    header = read_header(data)  # PNG or JPEG (anything else is refused here)
+    if header is None:
+        header = read_header(data)  # PNG, JPEG or DICOM (parsed here); anything else is refused
+    if header.format not in ("png", "jpeg", "dicom"):
+        raise ValueError(f"a {header.format!r} header does not describe encoded bytes")
     check_size((header.height, header.width), max_side)
+    if header.format == "dicom":
+        return _decode_dicom(header, max_side=max_side, max_pixels=max_pixels, all_frames=all_frames)
     check_pixel_limit(header, max_pixels)
     # The samples are passed straight on, so unit_gray_and_colour can free them as soon as it has the gray channel.
     pixels, colour = unit_gray_and_colour(
@@ -341,12 +356,12 @@ def decode_jpeg_samples(data: bytes, *, where: str, expected_size: tuple[int, in
     return samples[:, :, 0] if samples.shape[2] == 1 else samples
 
 
-def _decode_dicom(data: bytes, *, max_side: int, max_pixels: int, all_frames: bool) -> list[DecodedImage]:
-    from gateway.dicom_decode import decode_dicom, parse_dicom, pixel_spacing_mm
+def _decode_dicom(header: ImageHeader, *, max_side: int, max_pixels: int, all_frames: bool) -> list[DecodedImage]:
+    from gateway.dicom_decode import ParsedDicom, decode_dicom, pixel_spacing_mm
 
-    parsed = parse_dicom(data)
-    header = parsed.header
-    check_size((header.height, header.width), max_side)
+    parsed = header.parsed
+    if not isinstance(parsed, ParsedDicom):
+        raise ValueError("a DICOM header without its parsed dataset (gateway.image_header.read_header)")
     if header.frames > 1 and not all_frames:
         raise InvalidImage(
             f"multi-frame DICOM ({header.frames} frames): send it through AnalyzeStream, which answers once per frame"

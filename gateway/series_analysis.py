@@ -139,8 +139,8 @@ class SeriesAnalyzer:
 
     async def _analyze_file(self, file: DicomFile, data: bytes, stopwatch: Stopwatch) -> None:
         try:
-            async with self._admission.admit_image(data, self._deadline):
-                frames = await self.pipeline.decode_frames(data, stopwatch)
+            async with self._admission.admit_image(data, self._deadline) as header:
+                frames = await self.pipeline.decode_frames(data, header, stopwatch)
                 if len(frames) != len(file.slices):
                     self._skipped.append(
                         Skipped(file.index, f"{len(frames)} frames decoded, {len(file.slices)} in the header")

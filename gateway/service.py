@@ -53,8 +53,8 @@ class BrainScanService(pb_grpc.BrainScanServicer):
             try:
                 image, options = self._image(request), options_from_request(request)
                 # Admitted for all its frames before any is decoded; the decoded frames live until the last is done.
-                async with self.admission.admit_image(image, deadline):
-                    frames = await self.pipeline.decode_frames(image, stopwatch)
+                async with self.admission.admit_image(image, deadline) as header:
+                    frames = await self.pipeline.decode_frames(image, header, stopwatch)
                     for index, decoded in enumerate(frames):
                         analysis = await self.pipeline.run(
                             frame_step(decoded), options, deadline=deadline, stopwatch=stopwatch.fork()
@@ -123,9 +123,9 @@ class BrainScanService(pb_grpc.BrainScanServicer):
     async def _analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
         stopwatch, deadline = Stopwatch(), deadline_after(context.time_remaining())
         image, options = self._image(request), options_from_request(request)
-        async with self.admission.admit_image(image, deadline):
+        async with self.admission.admit_image(image, deadline) as header:
             analysis = await self.pipeline.run(
-                self.pipeline.decode_step(image), options, deadline=deadline, stopwatch=stopwatch
+                self.pipeline.decode_step(image, header), options, deadline=deadline, stopwatch=stopwatch
             )
         return self._respond(analysis, request.image_id)
 

@@ -19,11 +19,13 @@ import pytest
 from gateway.decision import (
     NO_TUMOR,
     NOT_ASSESSED,
+    Decision,
     DecisionParameters,
     Evidence,
+    Scope,
     assess_scope,
     decide,
-    runs_localization,
+    passes_gate,
 )
 from gateway.errors import ContractError
 from gateway.scope import BLANK, COLOUR_IMAGE, NOT_MRI, ScopeFlag, check_image, colour_fraction
@@ -43,6 +45,12 @@ def judged(in_scope: float | None = 0.9):
     scope = assess_scope(in_scope, None, PARAMS)
     assert scope.assessed
     return scope
+
+
+def decide_as_served(probs: dict[str, float], scope: Scope, evidence: Evidence, *, localization_asked: bool) -> Decision:
+    """The gate asked once, then the decision, as gateway.pipeline does."""
+    return decide(probs, scope, evidence, PARAMS, localization_asked=localization_asked,
+                  gate_passed=passes_gate(probs, scope, PARAMS))
 
 
 NOTHING = Evidence(mask_fraction=0.0, max_instance_score=None)
@@ -70,7 +78,7 @@ WEAK_INSTANCE = Evidence(mask_fraction=None, max_instance_score=0.3)
     ],
 )
 def test_rule_in_scope(p_tumor: float, evidence: Evidence, asked: bool, tumor: bool) -> None:
-    decision = decide(probabilities(p_tumor), judged(), evidence, PARAMS, localization_asked=asked)
+    decision = decide_as_served(probabilities(p_tumor), judged(), evidence, localization_asked=asked)
     assert decision.tumor_detected is tumor
     assert decision.label == ("meningioma" if tumor else NO_TUMOR)
     assert decision.scope.assessed
@@ -78,7 +86,7 @@ def test_rule_in_scope(p_tumor: float, evidence: Evidence, asked: bool, tumor: b
 
 def test_label_is_the_most_likely_tumor_class_even_when_no_tumor_is_the_argmax() -> None:
     p = {NO_TUMOR: 0.36, "glioma": 0.30, "meningioma": 0.04, "pituitary": 0.30 - 1e-3}
-    decision = decide(p, judged(), MASK, PARAMS, localization_asked=True)
+    decision = decide_as_served(p, judged(), MASK, localization_asked=True)
     assert decision.tumor_detected and decision.label == "glioma"
 
 
@@ -88,9 +96,9 @@ def test_the_learned_scope_check_makes_a_slice_not_assessed(in_scope: float) -> 
     assert not scope.assessed and scope.reason == NOT_MRI and scope.in_scope_probability == in_scope
     assert "CT" in scope.detail
     # even a certain tumor with every kind of evidence is not reported: could not judge, no finding
-    decision = decide(probabilities(0.99), scope, Evidence(0.5, 0.99), PARAMS, localization_asked=True)
+    decision = decide_as_served(probabilities(0.99), scope, Evidence(0.5, 0.99), localization_asked=True)
     assert not decision.tumor_detected and decision.label == NOT_ASSESSED
-    assert not runs_localization(probabilities(0.99), scope, PARAMS)
+    assert not passes_gate(probabilities(0.99), scope, PARAMS)
 
 
 def test_image_level_flags_come_first_and_keep_the_in_scope_probability() -> None:
@@ -98,18 +106,18 @@ def test_image_level_flags_come_first_and_keep_the_in_scope_probability() -> Non
     for in_scope in (None, 0.1, 0.99):
         scope = assess_scope(in_scope, flag, PARAMS)
         assert (scope.assessed, scope.reason, scope.detail, scope.in_scope_probability) == (False, BLANK, "blank frame", in_scope)
-        assert decide(probabilities(0.99), scope, MASK, PARAMS, localization_asked=True).label == NOT_ASSESSED
+        assert decide_as_served(probabilities(0.99), scope, MASK, localization_asked=True).label == NOT_ASSESSED
 
 
 def test_without_a_scope_output_only_the_image_checks_apply() -> None:
     scope = assess_scope(None, None, PARAMS)
     assert scope.assessed and scope.reason == "" and scope.in_scope_probability is None
-    assert decide(probabilities(0.95), scope, NOTHING, PARAMS, localization_asked=True).tumor_detected
+    assert decide_as_served(probabilities(0.95), scope, NOTHING, localization_asked=True).tumor_detected
 
 
 def test_localization_runs_at_the_gate_on_judged_slices_only() -> None:
-    assert runs_localization(probabilities(0.4), judged(), PARAMS)
-    assert not runs_localization(probabilities(0.39), judged(), PARAMS)
+    assert passes_gate(probabilities(0.4), judged(), PARAMS)
+    assert not passes_gate(probabilities(0.39), judged(), PARAMS)
 
 
 def test_the_label_always_agrees_with_the_decision() -> None:
@@ -124,7 +132,7 @@ def test_the_label_always_agrees_with_the_decision() -> None:
     )
     for p_tumor, top, in_scope, flag, evidence, asked in grid:
         scope = assess_scope(in_scope, flag, PARAMS)
-        decision = decide(probabilities(float(p_tumor), top), scope, evidence, PARAMS, localization_asked=asked)
+        decision = decide_as_served(probabilities(float(p_tumor), top), scope, evidence, localization_asked=asked)
         if not scope.assessed:
             assert decision.label == NOT_ASSESSED and not decision.tumor_detected
         elif decision.tumor_detected:
