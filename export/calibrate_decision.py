@@ -59,12 +59,7 @@ def collect(repository: Path, data_root: Path, run_args: dict, threads: int) -> 
     from gateway.contract import load_model_spec
     from gateway.preprocessing import load_image_file, prepare
 
-    args = tc.get_args_parser().parse_args([])
-    for key in ("seed", "val_fraction", "lgg_val_patients"):
-        if key in run_args:
-            setattr(args, key, run_args[key])
-    args.data, args.limit = data_root, 0
-    items = tc.training_items(args)
+    _, items = tc.run_items(run_args, data_root)
     val = [i for i in items.val if items.groups[i] != tc.OUT_OF_SCOPE and items.paths[i] is not None]
 
     options = ort.SessionOptions()

@@ -15,6 +15,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from export.datasets import CLASS_LABELS, default_data_root, load_classification_split, load_via_split, relative_to_root
 from export.error_gallery import ErrorCase, write_gallery
-from gateway.preprocessing import crop_and_resize, load_image_file, mask_to_original, prepare
+from gateway.preprocessing import PreparedImage, crop_and_resize, load_image_file, mask_to_original, prepare
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MASK_THRESHOLD = 0.5
@@ -31,6 +32,7 @@ CLASSIFIER_SPLIT = "sartaj-classification/Testing"
 HEAD_CT_SPLIT = "head-ct/held-out"  # the half of head-ct the trainings never see (by near-duplicate group)
 SARTAJ_BOXES_SPLIT = "sartaj-boxes/validation"  # the U-Net training's held-out part, by near-duplicate group
 SPLIT_SEED = 20240611  # the trainings' default seed, which fixes the head-ct halves
+SYNTHETIC_SPLIT, SYNTHETIC_FRAMES, SYNTHETIC_SEED = "synthetic non-MRI frames", 400, 7  # no training uses seed 7
 SEGMENTATION_SPLITS = ("br35h-polygons/val", "ruslan-kl-polygons/test")
 TARGETS = {
     "classifier": {
@@ -165,7 +167,19 @@ def evaluate_classifier(
     for key, (paths, split_truth) in _tumor_sources(data_root).items():
         split_outputs = _classify(model, paths, batch_size, f"classifier {key}")
         results[key] = {"full": _tumor_report(model, split_outputs, split_truth)}
+    results[SYNTHETIC_SPLIT] = {"full": _synthetic_report(model, batch_size)}
     return results
+
+
+def _synthetic_report(model: OnnxModel, batch_size: int) -> dict[str, object]:
+    """The scope check on made-up non-MRI frames (every kind the training draws, from another seed than any
+    training's): the share judged out of scope must be high. Same generator as training, so optimistic for
+    real non-brain images; the head-ct half is the real test."""
+    from export.train_classifier import synthetic_out_of_scope
+
+    frames = synthetic_out_of_scope(SYNTHETIC_FRAMES, model.size, seed=SYNTHETIC_SEED)
+    outputs = model.predict_all(iter(frames), batch_size)
+    return _tumor_report(model, outputs, np.full(len(frames), NO_TUMOR))
 
 
 GLIOMA, NO_TUMOR, UNKNOWN_TUMOR = CLASS_LABELS.index("glioma"), CLASS_LABELS.index("no_tumor"), -1
@@ -253,12 +267,10 @@ def evaluate_unet(
         slices = load_via_split(data_root, dataset, split)
         dice, iou, keep = [], [], []
         for item in tqdm(slices, desc=f"unet {key}", unit="img"):
-            gray = load_image_file(str(item.path)).pixels
-            prepared = prepare(gray, model.size)
-            prob = model.run(prepared.tensor[None, ..., None])[0, ..., 0]
             # Scored on the original pixel grid, where the gateway reports masks.
-            pred = mask_to_original(prob, prepared) >= MASK_THRESHOLD
-            truth = item.union_mask(*gray.shape)
+            output = _unet_output(model, item.path)
+            prepared, prob, pred = output.prepared, output.probability, output.mask
+            truth = item.union_mask(*output.shape)
             slice_dice, slice_iou = dice_and_iou(pred, truth)
             dice.append(slice_dice)
             iou.append(slice_iou)
@@ -286,11 +298,10 @@ def evaluate_unet(
     negatives = [p for p, label in load_classification_split(data_root, "Testing") if label == "no_tumor"]
     empty_list = []
     for path in tqdm(negatives, desc="unet Testing/no_tumor", unit="img"):
-        gray = load_image_file(str(path)).pixels
-        prepared = prepare(gray, model.size)
-        prob = model.run(prepared.tensor[None, ..., None])[0, ..., 0]
+        output = _unet_output(model, path)
+        prepared, prob = output.prepared, output.probability
         # Same rule as the gateway (postprocessing.segmentation_from_unet): empty when no original pixel passes.
-        empty_list.append(not (mask_to_original(prob, prepared) >= MASK_THRESHOLD).any())
+        empty_list.append(not output.mask.any())
         if errors is not None and not empty_list[-1]:
             errors.append(
                 ErrorCase(
@@ -318,12 +329,19 @@ def evaluate_unet(
     return results
 
 
-def _unet_prediction(model: OnnxModel, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-    """The U-Net mask on the original pixel grid (as served) and the image's (height, width)."""
+@dataclass(frozen=True)
+class UnetOutput:
+    prepared: PreparedImage  # what the model saw
+    probability: np.ndarray  # on the model's grid
+    mask: np.ndarray  # on the original pixel grid, as served
+    shape: tuple[int, int]  # the image's (height, width)
+
+
+def _unet_output(model: OnnxModel, path: Path) -> UnetOutput:
     gray = load_image_file(str(path)).pixels
     prepared = prepare(gray, model.size)
     prob = model.run(prepared.tensor[None, ..., None])[0, ..., 0]
-    return mask_to_original(prob, prepared) >= MASK_THRESHOLD, gray.shape
+    return UnetOutput(prepared, prob, mask_to_original(prob, prepared) >= MASK_THRESHOLD, gray.shape)
 
 
 def _unet_new_sources(model: OnnxModel, data_root: Path) -> dict[str, object]:
@@ -338,7 +356,8 @@ def _unet_new_sources(model: OnnxModel, data_root: Path) -> dict[str, object]:
     dice, iou, empty = [], [], []
     volumes: dict[str, list[int]] = {}  # patient -> [intersection, predicted, true] pixels over every slice
     for item in tqdm(load_lgg_split(data_root, "val"), desc="unet lgg-flair/val", unit="img"):
-        pred, shape = _unet_prediction(model, item.path)
+        output = _unet_output(model, item.path)
+        pred, shape = output.mask, output.shape
         truth = item.union_mask(*shape)
         counts = volumes.setdefault(item.patient, [0, 0, 0])
         counts[0] += int((pred & truth).sum())
@@ -359,12 +378,13 @@ def _unet_new_sources(model: OnnxModel, data_root: Path) -> dict[str, object]:
         "mean_patient_volume_dice": round(float(np.mean(patient_dice)), 4),
     }}
     head_ct = split_head_ct(data_root, seed=SPLIT_SEED)[1]
-    ct_empty = [not _unet_prediction(model, p)[0].any() for p in tqdm(head_ct, desc=f"unet {HEAD_CT_SPLIT}", unit="img")]
+    ct_empty = [not _unet_output(model, p).mask.any() for p in tqdm(head_ct, desc=f"unet {HEAD_CT_SPLIT}", unit="img")]
     results[HEAD_CT_SPLIT] = {"full": {"n": len(ct_empty), "empty_mask_rate": round(float(np.mean(ct_empty)), 4)}}
     boxed = train_unet.sartaj_boxes_validation(data_root)
     inside, found = [], []
     for item in tqdm(boxed, desc="unet sartaj-boxes validation", unit="img"):
-        pred, shape = _unet_prediction(model, item.path)
+        output = _unet_output(model, item.path)
+        pred, shape = output.mask, output.shape
         found.append(bool(pred.any()))
         inside.append(float(inside_box_share(pred[None], item.union_mask(*shape)[None])[0]))
     results[SARTAJ_BOXES_SPLIT] = {"full": {

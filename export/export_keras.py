@@ -153,12 +153,7 @@ def calibrate_classifier(keras_model, run_args: dict, data_root: Path) -> tuple[
     from export import train_classifier as tc
     from export.calibration import calibration_errors, fit_temperature, softmax_with_temperature
 
-    args = tc.get_args_parser().parse_args([])
-    for key in ("seed", "val_fraction", "lgg_val_patients", "size"):
-        if key in run_args:
-            setattr(args, key, run_args[key])
-    args.data, args.limit = data_root, 0
-    items = tc.training_items(args)
+    args, items = tc.run_items(run_args, data_root)
     images = tc.item_images(items, args.size, args.seed)[items.val]
     groups = items.groups[items.val]
     sources = np.array([items.sources[i] for i in items.val])

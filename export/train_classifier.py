@@ -195,6 +195,17 @@ def synthetic_out_of_scope(count: int, size: int, seed: int) -> np.ndarray:
     return np.stack(out)
 
 
+def run_items(run_args: dict, data_root: Path) -> tuple[argparse.Namespace, Items]:
+    """A finished run's items with the split its args.json fixed (seed, validation share, held-out LGG
+    patients, size): what export calibrates and chooses the decision on. `run_args` may be empty (defaults)."""
+    args = get_args_parser().parse_args([])
+    for key in ("seed", "val_fraction", "lgg_val_patients", "size"):
+        if key in run_args:
+            setattr(args, key, run_args[key])
+    args.data, args.limit = data_root, 0
+    return args, training_items(args)
+
+
 def item_images(items: Items, size: int, seed: int) -> np.ndarray:
     from export.prepared import prepared_images
 
