@@ -355,6 +355,12 @@ def _first_stage(args: dict) -> str:
     for init, run_dir, _ in init_chain(args.get("init")):
         record = training_record(run_dir)
         stage_args = record.get("args", {}) or {}
+        if not stage_args:  # a shipped SavedModel (`--init model_repository/...`): its run folder is not here
+            parts.append(
+                f"\n\nIt started from the weights of `{init}`, the model shipped at the time (same architecture); "
+                "that version's card in the git history and docs/training.md describe how it was trained."
+            )
+            continue
         parts.append(
             f"\n\nIt started from the weights of `{init}` (same architecture): S={stage_args.get('size')}, "
             f"lr {stage_args.get('lr')}, budget {stage_args.get('time_budget_min')} min, "
