@@ -79,7 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="detection score that makes a training negative hard (default 0.3)")
     parser.add_argument("--val-negatives", type=float, default=0.15,
                         help="share of the no_tumor slices held out (by near-duplicate group) to measure the false-positive rate")
-    parser.add_argument("--init", type=Path, default=None, help="start from a checkpoint's weights (fresh optimizer and schedule)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from a checkpoint's weights, or from a shipped model.onnx "
+                             "(export/maskrcnn_from_onnx.py); fresh optimizer and schedule")
     parser.add_argument("--seed", type=int, default=20240611, help="random seed")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the CPU host is shared)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -227,6 +229,15 @@ def lr_factor(progress: float, step: int, warmup: int) -> float:
     return warm * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
+def initial_weights(model: torch.nn.Module, path: Path, device: torch.device) -> dict:
+    """--init: a training checkpoint (.pt) or a shipped model.onnx (a fresh clone has no runs/)."""
+    if path.suffix == ".onnx":
+        from export.maskrcnn_from_onnx import state_dict_from_onnx
+
+        return state_dict_from_onnx(model, path)
+    return torch.load(path, map_location=device, weights_only=False)["model"]
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: MaskRCNNConfig,
                     args: argparse.Namespace, epoch: int, step: int, metrics: dict) -> None:
     payload = {
@@ -270,7 +281,7 @@ def main(args: argparse.Namespace) -> int:
 
     model = build_maskrcnn(config).to(device)
     if args.init:
-        model.load_state_dict(torch.load(args.init, map_location=device, weights_only=False)["model"])
+        model.load_state_dict(initial_weights(model, Path(args.init), device))
         print(f"initialized from {args.init}")
     print(f"model: {count_parameters(model) / 1e6:.2f} M parameters; device {device}, threads {args.threads}")
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)

@@ -323,3 +323,41 @@ def test_lite0_export_parity_on_slices_with_zero_detections(tmp_path: Path) -> N
     for image in images:
         boxes, scores, masks = session.run(None, {"image": image[None]})
         assert boxes.shape == (0, 4) and scores.shape == (0,) and masks.shape == (0, 1, 64, 64)
+
+
+def test_weights_recovered_from_an_exported_onnx_reproduce_the_network(tmp_path: Path) -> None:
+    """`--init model.onnx`: every norm folded by the export is recovered, so the network computes the same."""
+    from torch import nn
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from export.maskrcnn_from_onnx import state_dict_from_onnx
+    from export.maskrcnn_model import lite0_config
+    from export.maskrcnn_onnx import export_onnx
+
+    torch.manual_seed(0)
+    config = lite0_config(96)
+    original = build_maskrcnn(config, pretrained=False).eval()
+    with torch.no_grad():  # non-trivial norms: the defaults (scale 1, shift 0) would hide a lost layer
+        for module in original.modules():
+            if isinstance(module, (FrozenBatchNorm2d, nn.GroupNorm)):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.2)
+            if isinstance(module, FrozenBatchNorm2d):
+                module.running_mean.normal_(0.0, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "model.onnx"
+    image = torch.rand(1, 1, 96, 96)
+    export_onnx(original, path, image[0])
+    recovered = build_maskrcnn(config, pretrained=False).eval()
+    recovered.load_state_dict(state_dict_from_onnx(recovered, path))
+
+    norms = {n for n, m in original.named_modules() if isinstance(m, (FrozenBatchNorm2d, nn.GroupNorm))}
+    for key, value in recovered.state_dict().items():
+        if key.rsplit(".", 1)[0] not in norms:
+            assert torch.equal(value, original.state_dict()[key]), key
+    with torch.no_grad():
+        for a, b in zip(original.backbone(image).values(), recovered.backbone(image).values()):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        pooled = torch.randn(3, config.fpn_channels, 14, 14)
+        torch.testing.assert_close(original.roi_heads.mask_head(pooled), recovered.roi_heads.mask_head(pooled),
+                                   atol=1e-4, rtol=1e-4)
