@@ -39,7 +39,7 @@ def state_dict_from_onnx(model: nn.Module, onnx_path: Path) -> dict[str, torch.T
     graph = onnx.load(str(onnx_path)).graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     for node in graph.node:
-        if node.op_type == "Constant" and node.attribute:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
 
     state = {key: value.clone() for key, value in model.state_dict().items()}

@@ -144,9 +144,9 @@ class Pipeline:
 
         def decode() -> list[DecodedImage]:
             with stopwatch.stage("decode"):
-                if isinstance(image, bytes):
-                    return decode_frames(image, header=header, max_side=max_side, max_pixels=max_pixels)
-                return [self._decode_one(image, header)]
+                if header.format == "array":
+                    return [self._decode_one(image, header)]
+                return decode_frames(image, header=header, max_side=max_side, max_pixels=max_pixels)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, decode)
 
@@ -228,7 +228,7 @@ class Pipeline:
 
     def _decode_one(self, image: bytes | np.ndarray, header: ImageHeader) -> DecodedImage:
         max_side, max_pixels = self.config.max_image_side, self.config.max_request_pixels
-        if isinstance(image, np.ndarray):
+        if header.format == "array":
             pixels, colour = unit_gray_and_colour(image, max_side=max_side)
             return DecodedImage(pixels=pixels, colour_fraction=colour)
         return decode_image(image, header=header, max_side=max_side, max_pixels=max_pixels)
