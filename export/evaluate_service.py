@@ -112,17 +112,18 @@ def served_class(result: AnalysisResult) -> int:
     return NO_TUMOR if result.label == NOT_ASSESSED else CLASS_LABELS.index(result.label)
 
 
-def decision_report(truth: Sequence[int], served: list[Served]) -> dict[str, object]:
+def decision_report(truth: Sequence[int], served: list[Served], paths: Sequence[Path]) -> dict[str, object]:
     """Sensitivity and specificity of `tumor_detected`, calibration of the served probabilities, scope flags.
 
-    truth: class index per slice, or UNKNOWN_TUMOR; scores cover the answered calls."""
+    truth: class index per slice, or UNKNOWN_TUMOR; scores cover the answered calls. The flagged slices are
+    listed (folder/file) so that a reader can see what the scope check set aside: a CT is a right flag."""
     from export.calibration import calibration_errors
 
-    rows = [(t, s.result) for t, s in zip(truth, served) if s.result is not None]
+    rows = [(t, s.result, p) for t, s, p in zip(truth, served, paths) if s.result is not None]
     if not rows:
         return {"n": 0}
-    truth_arr = np.array([t for t, _ in rows])
-    results = [r for _, r in rows]
+    truth_arr = np.array([t for t, _, _ in rows])
+    results = [r for _, r, _ in rows]
     detected = np.array([r.tumor_detected for r in results])
     flagged = np.array([not r.scope.assessed for r in results])
     probabilities = np.array([[r.probabilities[label] for label in CLASS_LABELS] for r in results])
@@ -136,8 +137,10 @@ def decision_report(truth: Sequence[int], served: list[Served]) -> dict[str, obj
         "tumor_slices": int(positive.sum()),
         "sensitivity": share(detected[positive]),
         "specificity": share(~detected[~positive]),
+        "sensitivity_in_scope": share(detected[positive & ~flagged]),
         "scope_flagged": share(flagged),
         "scope_reasons": dict(Counter(r.scope.reason for r in results if not r.scope.assessed)),
+        "scope_flagged_files": [f"{p.parent.name}/{p.name}" for _, r, p in rows if not r.scope.assessed],
         **{k: (None if v is None else round(float(v), 4)) for k, v in calibration_errors(probabilities, truth_arr, NO_TUMOR).items()},
     }
 
@@ -149,16 +152,17 @@ def classification_report(items: list[tuple[Path, str]], served: list[Served]) -
     truth = np.array([CLASS_LABELS.index(label) for label, _ in answered])
     pred = np.array([served_class(result) for _, result in answered])
     tumor = np.array([result.tumor_detected for _, result in answered])
-    return {**label_metrics(truth, pred, tumor), **decision_report([CLASS_LABELS.index(label) for _, label in items], served)}
+    truths = [CLASS_LABELS.index(label) for _, label in items]
+    return {**label_metrics(truth, pred, tumor), **decision_report(truths, served, [path for path, _ in items])}
 
 
 def truth_report(items: list[tuple[Path, int]], served: list[Served]) -> dict[str, object]:
-    return decision_report([truth for _, truth in items], served)
+    return decision_report([truth for _, truth in items], served, [path for path, _ in items])
 
 
 def lgg_report(items: list[tuple[Path, int]], served: list[Served]) -> dict[str, object]:
     """The decision on LGG FLAIR slices, and which type the tumors found are given (all are gliomas)."""
-    report = decision_report([truth for _, truth in items], served)
+    report = truth_report(items, served)
     found = [s.result.label for (_, truth), s in zip(items, served) if s.result is not None and truth != NO_TUMOR
              and s.result.tumor_detected]
     report["glioma_share_of_tumors_found"] = round(found.count("glioma") / len(found), 4) if found else None
@@ -267,7 +271,8 @@ def summary_table(splits: dict[str, dict]) -> str:
     def cell(value: object) -> str:
         return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    lines = [f"{'source':<44} {'n':>5} {'sens':>6} {'spec':>6} {'type acc':>8} {'ECE p(tumor)':>12} {'scope flags':>11}"]
+    lines = [f"{'source':<44} {'n':>5} {'sens':>6} {'sens in scope':>13} {'spec':>6} {'type acc':>8} "
+             f"{'ECE p(tumor)':>12} {'scope flags':>11}"]
     for key, split in splits.items():
         for part in ("full", "duplicate_free"):
             report = split.get(part)
@@ -277,11 +282,12 @@ def summary_table(splits: dict[str, dict]) -> str:
             sensitivity = report.get("sensitivity", report.get("tumor_detected") if "mask_dice" in report else None)
             type_accuracy = report.get("accuracy", report.get("glioma_share_of_tumors_found"))
             lines.append(
-                f"{name:<44} {report['n']:>5} {cell(sensitivity):>6} {cell(report.get('specificity')):>6} "
+                f"{name:<44} {report['n']:>5} {cell(sensitivity):>6} {cell(report.get('sensitivity_in_scope')):>13} "
+                f"{cell(report.get('specificity')):>6} "
                 f"{cell(type_accuracy):>8} {cell(report.get('ece_tumor')):>12} {cell(report.get('scope_flagged')):>11}"
             )
     lines.append("type acc: 4-class accuracy on Sartaj, glioma share of the tumors found on LGG; "
-                 "not_assessed counts as no tumor finding")
+                 "not_assessed counts as no tumor finding; sens in scope: over the tumor slices judged in scope")
     return "\n".join(lines)
 
 

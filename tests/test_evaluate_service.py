@@ -48,6 +48,7 @@ def test_served_labels_and_masks_match_the_models_run_directly(embedded_gateway,
     for key in ("lgg-flair/val", "head-ct/held-out"):
         split = report["splits"][key]["full"]
         assert split["n"] == LIMIT and 0.0 <= split["scope_flagged"] <= 1.0
+        assert len(split["scope_flagged_files"]) == round(split["scope_flagged"] * LIMIT)
     assert report["splits"]["head-ct/held-out"]["full"]["tumor_slices"] == 0
     assert report["splits"]["head-ct/held-out"]["full"]["sensitivity"] is None
 
