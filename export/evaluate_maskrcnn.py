@@ -223,7 +223,8 @@ def main(args: argparse.Namespace) -> int:
             run, size = onnx_runner(args.onnx, args.threads)
         except BrainscanError as error:  # no model folder, or a config that does not match its file
             return fail(prog, str(error))
-        source = f"onnx:{args.onnx}"
+        onnx_folder = Path(args.onnx).resolve()
+        source = f"onnx:{onnx_folder.relative_to(REPO_ROOT) if onnx_folder.is_relative_to(REPO_ROOT) else onnx_folder}"
     else:
         if not Path(args.checkpoint).is_file():
             return fail(prog, f"checkpoint {args.checkpoint} not found; run `python -m export train maskrcnn` first")

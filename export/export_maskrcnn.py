@@ -235,6 +235,10 @@ def _training_chain(train_args: dict) -> str:
     """A fine-tuning run (--init) names the runs it grew from, back to the one trained from scratch."""
     lines = []
     for init, run_dir, stage in init_chain(train_args.get("init")):
+        if not stage:  # a shipped model.onnx (`--init model_repository/...`): its run folder is not here
+            lines.append(f"`{init}`, the model shipped at the time (its card in the git history and docs/training.md "
+                         "say how it was trained)")
+            continue
         rows = list(csv.DictReader((run_dir / "log.csv").open())) if (run_dir / "log.csv").is_file() else []
         minutes = f"{float(rows[-1]['elapsed_s']) / 60:.0f} min, {rows[-1]['epoch']} epochs" if rows else "length unknown"
         lines.append(

@@ -134,7 +134,7 @@ def assess_scope(in_scope: float | None, image_flag: ScopeFlag | None, params: D
             False,
             NOT_MRI,
             f"not a brain MRI slice these models can judge (p = {in_scope:.3f} < {params.scope_threshold:g}): "
-            "a CT, another body part or not a medical image",
+            "a CT, another body part, a frame with no brain tissue in view, or not a medical image",
             in_scope,
         )
     return Scope(True, "", "", in_scope)
