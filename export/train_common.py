@@ -84,12 +84,12 @@ def _savedmodel_weights(model, path: Path) -> list[np.ndarray]:
     return weights
 
 
-def oversample_negatives(indices: Sequence[int], negative: Sequence[bool], repeat: int,
-                         hard: Collection[int] = (), hard_repeat: int = 0) -> np.ndarray:
-    """`indices` with each one whose `negative` flag is set listed `repeat` times (one epoch's draws),
+def oversample(indices: Sequence[int], flagged: Sequence[bool], repeat: int,
+               hard: Collection[int] = (), hard_repeat: int = 0) -> np.ndarray:
+    """`indices` with each one whose flag is set (a negative, say) listed `repeat` times (one epoch's draws),
     and those of them also in `hard` (negatives the model currently fires on) `hard_repeat` times more."""
-    counts = [max(1, repeat) + (hard_repeat if index in hard else 0) if is_negative else 1
-              for index, is_negative in zip(indices, negative)]
+    counts = [max(1, repeat) + (hard_repeat if index in hard else 0) if is_flagged else 1
+              for index, is_flagged in zip(indices, flagged)]
     return np.repeat(np.asarray(indices, dtype=np.int64), counts)
 
 

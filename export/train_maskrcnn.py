@@ -177,10 +177,10 @@ def selection_data(args: argparse.Namespace) -> tuple[InstanceSet, list]:
 def epoch_indices(data: InstanceSet, negative_repeat: int, hard: Collection[int] = (), hard_repeat: int = 0) -> list[int]:
     """Every slice once, negatives `negative_repeat` times (more healthy anatomy per epoch), and the
     negatives in `hard` `hard_repeat` times more."""
-    from export.train_common import oversample_negatives
+    from export.train_common import oversample
 
     negative = [len(m) == 0 for m in data.masks]
-    return oversample_negatives(range(len(data)), negative, negative_repeat, hard, hard_repeat).tolist()
+    return oversample(range(len(data)), negative, negative_repeat, hard, hard_repeat).tolist()
 
 
 def mine_hard_negatives(model: torch.nn.Module, data: InstanceSet, device: torch.device,

@@ -45,6 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="share of training images passed through a random intensity curve")
     parser.add_argument("--lgg-val-patients", type=int, default=12, help="lgg-flair/train patients held out for selection")
     parser.add_argument("--negative-repeat", type=int, default=1, help="times each tumor-free training slice is drawn per epoch")
+    parser.add_argument("--lgg-tumor-repeat", type=int, default=1,
+                        help="times each lgg-flair/train slice with a tumor mask is drawn per epoch")
     return parser
 
 
@@ -200,7 +202,10 @@ def main(args: argparse.Namespace) -> int:
     kind = is_box.astype(np.float32)
     # Tumor-free slices repeated: healthy anatomy is what the model must learn to leave empty.
     empty = ~targets.reshape(len(targets), -1).any(axis=1)
-    train_idx = train_common.oversample_negatives(train_idx, empty[train_idx], args.negative_repeat)
+    train_idx = train_common.oversample(train_idx, empty[train_idx], args.negative_repeat)
+    # LGG FLAIR tumors can be drawn more often: the one sequence with few tumor slices next to many negatives.
+    lgg_tumor = (np.asarray(sources) == "lgg-flair") & ~empty & ~is_box
+    train_idx = train_common.oversample(train_idx, lgg_tumor[train_idx], args.lgg_tumor_repeat)
     options = tf.data.Options()
     options.threading.private_threadpool_size = 1
 
@@ -242,6 +247,7 @@ def main(args: argparse.Namespace) -> int:
         **{k: history.history[k][best] for k in history.history if k.startswith("val_")},
         "train_draws_per_epoch": int(len(train_idx)),
         "negative_repeat": args.negative_repeat,
+        "lgg_tumor_repeat": args.lgg_tumor_repeat,
         "train_cells": dict(sorted(cells.items())),
         "val_slices": int(len(val_idx)),
         "pretrained": bool(args.pretrained),
