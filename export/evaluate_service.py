@@ -140,7 +140,7 @@ def decision_report(truth: Sequence[int], served: list[Served], paths: Sequence[
         "sensitivity_in_scope": share(detected[positive & ~flagged]),
         "scope_flagged": share(flagged),
         "scope_reasons": dict(Counter(r.scope.reason for r in results if not r.scope.assessed)),
-        "scope_flagged_files": [f"{p.parent.name}/{p.name}" for _, r, p in rows if not r.scope.assessed],
+        "scope_flagged_files": [f"{p.parent.name}/{p.name}" for (_, _, p), out in zip(rows, flagged) if out],
         **{k: (None if v is None else round(float(v), 4)) for k, v in calibration_errors(probabilities, truth_arr, NO_TUMOR).items()},
     }
 
@@ -152,8 +152,8 @@ def classification_report(items: list[tuple[Path, str]], served: list[Served]) -
     truth = np.array([CLASS_LABELS.index(label) for label, _ in answered])
     pred = np.array([served_class(result) for _, result in answered])
     tumor = np.array([result.tumor_detected for _, result in answered])
-    truths = [CLASS_LABELS.index(label) for _, label in items]
-    return {**label_metrics(truth, pred, tumor), **decision_report(truths, served, [path for path, _ in items])}
+    return {**label_metrics(truth, pred, tumor),
+            **truth_report([(path, CLASS_LABELS.index(label)) for path, label in items], served)}
 
 
 def truth_report(items: list[tuple[Path, int]], served: list[Served]) -> dict[str, object]:
