@@ -40,6 +40,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="train on the sartaj-boxes slices with the box-supervised loss (--no-boxes: masks only; "
                              "the boxes' validation part is still scored)")
     parser.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft-Dice term next to BCE")
+    parser.add_argument("--image-dice-weight", type=float, default=0.0,
+                        help="weight of a per-image soft-Dice term over the slices with a tumor mask (the batch Dice "
+                             "is led by large tumors; this one weighs a small lesion as much as a large one, like "
+                             "the mean per-slice Dice the models are judged on)")
     parser.add_argument("--box-weight", type=float, default=1.0, help="weight of the box-supervised loss")
     parser.add_argument("--intensity-remap", type=float, default=0.3,
                         help="share of training images passed through a random intensity curve")
@@ -128,8 +132,21 @@ def box_projection_loss(box, prob):
     return proj_x + proj_y + spill
 
 
-def segmentation_loss(dice_weight: float, box_weight: float):
-    """y_true channel 0: mask or filled box; channel 1: 1 for a box target. BCE + batch soft Dice on masks, box loss on boxes."""
+def per_image_dice_loss(target, prob, is_mask):
+    """Mean soft-Dice loss over the mask targets that hold a tumor (0 when the batch has none): every tumor slice
+    counts the same, whatever the lesion's size."""
+    from keras import ops
+
+    inter = ops.sum(target * prob, axis=(1, 2))
+    total = ops.sum(target, axis=(1, 2)) + ops.sum(prob, axis=(1, 2))
+    positive = is_mask * ops.cast(ops.sum(target, axis=(1, 2)) > 0.0, prob.dtype)
+    loss = 1.0 - (2.0 * inter + 1.0) / (total + 1.0)
+    return ops.sum(loss * positive) / ops.maximum(ops.sum(positive), 1.0)
+
+
+def segmentation_loss(dice_weight: float, box_weight: float, image_dice_weight: float = 0.0):
+    """y_true channel 0: mask or filled box; channel 1: 1 for a box target. BCE + batch soft Dice on masks (+ per-image
+    soft Dice on the non-empty ones), box loss on boxes."""
     from keras import ops
 
     def loss(y_true, y_pred):
@@ -142,6 +159,8 @@ def segmentation_loss(dice_weight: float, box_weight: float):
         # Batch-level soft Dice: defined on all-negative images, whose per-image Dice would be 0/0.
         dice = 1.0 - (2.0 * ops.sum(target * prob * w) + 1.0) / (ops.sum(target * w) + ops.sum(prob * w) + 1.0)
         mask_term = ops.sum(bce * is_mask) / n_mask + dice_weight * dice * ops.minimum(ops.sum(is_mask), 1.0)
+        if image_dice_weight:
+            mask_term = mask_term + image_dice_weight * per_image_dice_loss(target, prob, is_mask)
         box_term = ops.sum(box_projection_loss(target, prob) * is_box) / n_box
         return mask_term + box_weight * box_term
 
@@ -227,7 +246,7 @@ def main(args: argparse.Namespace) -> int:
     schedule = train_common.cosine_schedule(args.lr, steps * args.epochs, warmup_steps=steps // 2)
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=args.weight_decay),
-        loss=segmentation_loss(args.dice_weight, args.box_weight),
+        loss=segmentation_loss(args.dice_weight, args.box_weight, args.image_dice_weight),
     )
     callbacks = [
         segmentation_callback(images[val_idx], targets[val_idx], [sources[i] for i in val_idx], is_box[val_idx]),
@@ -248,6 +267,7 @@ def main(args: argparse.Namespace) -> int:
         "train_draws_per_epoch": int(len(train_idx)),
         "negative_repeat": args.negative_repeat,
         "lgg_tumor_repeat": args.lgg_tumor_repeat,
+        "image_dice_weight": args.image_dice_weight,
         "train_cells": dict(sorted(cells.items())),
         "val_slices": int(len(val_idx)),
         "pretrained": bool(args.pretrained),

@@ -93,6 +93,33 @@ def test_box_loss_prefers_a_mask_inside_and_aligned_with_its_box() -> None:
     assert inside_box_share(spill.astype(bool), box.astype(bool))[0] < 0.8
 
 
+def test_per_image_dice_weighs_a_missed_small_lesion_like_a_missed_large_one() -> None:
+    """The batch Dice barely notices a missed small tumor next to a found large one; the per-image term does."""
+    from keras import ops
+
+    from export.train_unet import per_image_dice_loss
+
+    target = np.zeros((3, 32, 32), np.float32)
+    target[0, 4:28, 4:28] = 1.0  # large tumor
+    target[1, 10:13, 10:13] = 1.0  # small tumor
+    is_mask = np.ones(3, np.float32)  # slice 2: a tumor-free mask target, ignored by the term
+    both_found = np.clip(target, 1e-4, 0.999)
+    small_missed = both_found.copy()
+    small_missed[1] = 1e-4
+
+    def loss(prob: np.ndarray) -> float:
+        return float(ops.convert_to_numpy(per_image_dice_loss(target, prob, is_mask)))
+
+    def batch_dice(prob: np.ndarray) -> float:
+        return 1.0 - (2.0 * (target * prob).sum() + 1.0) / (target.sum() + prob.sum() + 1.0)
+
+    assert loss(both_found) < 0.05
+    assert loss(small_missed) - loss(both_found) > 0.3  # half the tumor slices lost
+    assert batch_dice(small_missed) - batch_dice(both_found) < 0.02  # 9 of 585 tumor pixels lost
+    no_tumor = np.zeros_like(target)
+    assert float(ops.convert_to_numpy(per_image_dice_loss(no_tumor, np.full_like(target, 0.5), is_mask))) == 0.0
+
+
 def test_temperature_scaling_recovers_a_known_temperature_and_lowers_ece() -> None:
     from export.calibration import calibration_errors, fit_temperature, softmax_with_temperature
 
