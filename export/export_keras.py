@@ -325,7 +325,10 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
         recipe = (
             "U-Net on the Lite0 encoder: skips at strides 16/8/4/2, decoder 96-64-48-24 channels (conv-BN-swish, "
             "bilinear up-sampling), mask logits up-sampled from stride 2, sigmoid. Loss on mask targets: BCE + batch "
-            "soft Dice; on box targets: the projections of the mask onto both axes match the box's (1-D Dice of the "
+            "soft Dice"
+            + (f" + {args['image_dice_weight']:g} × the mean per-image soft Dice over the slices with a tumor (a small "
+               "lesion weighs as much as a large one)" if args.get("image_dice_weight") else "")
+            + "; on box targets: the projections of the mask onto both axes match the box's (1-D Dice of the "
             "row/column maxima) and a BCE pushing every pixel outside the box to 0. Selection metric: mean of "
             "per-source validation Dice, box containment and empty-mask rates. " + common_recipe
         )

@@ -11,7 +11,7 @@ group or by patient:
 - negatives (an empty mask): tumor-free LGG slices, Sartaj no_tumor Training
   slices and the training half of head-ct.
 Every near-duplicate of an evaluation image is dropped (`export.audit`).
-Loss: BCE + soft Dice on mask targets, the box loss on boxes. Resumable: the
+Loss: BCE + soft Dice on mask targets (optionally + a per-image soft Dice), the box loss on boxes. Resumable: the
 run folder keeps a backup of the last finished epoch.
 """
 
