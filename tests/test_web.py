@@ -392,6 +392,30 @@ def test_a_file_the_gateway_finds_too_big_is_said_plainly(browser_context, web_g
         stop_web(lax)
 
 
+def test_a_file_chosen_before_the_page_has_its_config_waits_for_it(browser_context, web: WebProcess, data_root: Path):
+    """The file input works from the first paint; /api/config is held back until a slice has been chosen."""
+    tab = browser_context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    held: list = []
+    tab.route("**/api/config", lambda route: held.append(route))
+    try:
+        tab.goto(web.url)
+        for _ in range(100):
+            if held:
+                break
+            tab.wait_for_timeout(50)
+        assert held, "the page never asked for its config"
+        tab.set_input_files("#file-input", str(real_slice(data_root)))
+        tab.wait_for_timeout(300)  # the change handler has run by now, with no config yet
+        held[0].continue_()
+        wait_done(tab)
+        assert tab.locator("article.result").count() == 1
+        assert not errors, f"JavaScript errors: {errors}"
+    finally:
+        tab.close()
+
+
 def test_a_refused_token_is_said_plainly(browser_context, web_gateway: GatewayProcess, token_files, tmp_path: Path):
     wrong = start_web(web_gateway.address, token_files["wrong"], tmp_path)
     try:

@@ -2,7 +2,8 @@
 // Research use only. Not a medical device.
 "use strict";
 
-const state = { files: [], config: null, slices: [], objectUrls: [] };
+// configReady: the /api/config answer, which a file dropped before it arrives waits for.
+const state = { files: [], config: null, configReady: null, slices: [], objectUrls: [] };
 const $ = (selector, root = document) => root.querySelector(selector);
 
 const fixed3 = (value) => Number(value).toFixed(3);
@@ -81,8 +82,15 @@ function options() {
 }
 
 async function analyzeFile(file) {
-  if (file.size > state.config.max_upload_bytes) {
-    return { error: { kind: "too_big", message: `The file is ${megabytes(file.size)}; the gateway accepts at most ${megabytes(state.config.max_upload_bytes)} per file.` } };
+  const pageDown = { error: { kind: "page_down", message: "The page's own server did not answer; is `brainscan web` still running?" } };
+  let config;
+  try {
+    config = await state.configReady;
+  } catch {
+    return pageDown;
+  }
+  if (file.size > config.max_upload_bytes) {
+    return { error: { kind: "too_big", message: `The file is ${megabytes(file.size)}; the gateway accepts at most ${megabytes(config.max_upload_bytes)} per file.` } };
   }
   try {
     const response = await fetch(`/api/analyze?${options()}`, {
@@ -91,7 +99,7 @@ async function analyzeFile(file) {
     const body = await response.json();
     return response.ok ? body : { error: body.error || { kind: "server_error", message: `HTTP ${response.status}` } };
   } catch {
-    return { error: { kind: "page_down", message: "The page's own server did not answer; is `brainscan web` still running?" } };
+    return pageDown;
   }
 }
 
@@ -235,9 +243,10 @@ function wireInputs() {
 }
 
 async function start() {
-  wireInputs();
+  state.configReady = fetch("/api/config").then((response) => response.json());
+  wireInputs();  // a file chosen before the config arrives waits for it in analyzeFile
   try {
-    state.config = await (await fetch("/api/config")).json();
+    state.config = await state.configReady;
   } catch {
     setGatewayStatus("The page's own server is not answering.", true);
     return;
