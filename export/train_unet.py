@@ -132,6 +132,15 @@ def box_projection_loss(box, prob):
     return proj_x + proj_y + spill
 
 
+def batch_dice_loss(target, prob, is_mask):
+    """Soft-Dice loss over all mask-target pixels of the batch at once; defined on all-negative images too, whose
+    per-image Dice would be 0/0."""
+    from keras import ops
+
+    w = is_mask[:, None, None]
+    return 1.0 - (2.0 * ops.sum(target * prob * w) + 1.0) / (ops.sum(target * w) + ops.sum(prob * w) + 1.0)
+
+
 def per_image_dice_loss(target, prob, is_mask):
     """Mean soft-Dice loss over the mask targets that hold a tumor (0 when the batch has none): every tumor slice
     counts the same, whatever the lesion's size."""
@@ -155,9 +164,7 @@ def segmentation_loss(dice_weight: float, box_weight: float, image_dice_weight: 
         is_mask = 1.0 - is_box
         n_mask, n_box = ops.maximum(ops.sum(is_mask), 1.0), ops.maximum(ops.sum(is_box), 1.0)
         bce = -ops.mean(target * ops.log(prob) + (1.0 - target) * ops.log(1.0 - prob), axis=(1, 2))
-        w = is_mask[:, None, None]
-        # Batch-level soft Dice: defined on all-negative images, whose per-image Dice would be 0/0.
-        dice = 1.0 - (2.0 * ops.sum(target * prob * w) + 1.0) / (ops.sum(target * w) + ops.sum(prob * w) + 1.0)
+        dice = batch_dice_loss(target, prob, is_mask)
         mask_term = ops.sum(bce * is_mask) / n_mask + dice_weight * dice * ops.minimum(ops.sum(is_mask), 1.0)
         if image_dice_weight:
             mask_term = mask_term + image_dice_weight * per_image_dice_loss(target, prob, is_mask)

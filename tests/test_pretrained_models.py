@@ -97,7 +97,7 @@ def test_per_image_dice_weighs_a_missed_small_lesion_like_a_missed_large_one() -
     """The batch Dice barely notices a missed small tumor next to a found large one; the per-image term does."""
     from keras import ops
 
-    from export.train_unet import per_image_dice_loss
+    from export.train_unet import batch_dice_loss, per_image_dice_loss
 
     target = np.zeros((3, 32, 32), np.float32)
     target[0, 4:28, 4:28] = 1.0  # large tumor
@@ -111,7 +111,7 @@ def test_per_image_dice_weighs_a_missed_small_lesion_like_a_missed_large_one() -
         return float(ops.convert_to_numpy(per_image_dice_loss(target, prob, is_mask)))
 
     def batch_dice(prob: np.ndarray) -> float:
-        return 1.0 - (2.0 * (target * prob).sum() + 1.0) / (target.sum() + prob.sum() + 1.0)
+        return float(ops.convert_to_numpy(batch_dice_loss(target, prob, is_mask)))
 
     assert loss(both_found) < 0.05
     assert loss(small_missed) - loss(both_found) > 0.3  # half the tumor slices lost
