@@ -59,6 +59,18 @@ def cache_dir() -> Path:
     return path
 
 
+def save_cache(path: Path, **arrays: np.ndarray) -> None:
+    """Write a cache .npz (or .npy for one array named `array`) under a temporary name of this process, then
+    rename: two runs filling the same cache at once neither read a half-written file nor lose each other's."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as handle:
+        if path.suffix == ".npy":
+            np.save(handle, arrays["array"])
+        else:
+            np.savez(handle, **arrays)
+    tmp.replace(path)
+
+
 def split_paths(data_root: Path, split_key: str) -> list[Path]:
     """Image paths of one split key such as "br35h-polygons/val"."""
     dataset, split = split_key.split("/", 1)
@@ -88,9 +100,7 @@ def compute_signatures(paths: list[Path], *, progress: bool = True) -> np.ndarra
     for i in tqdm(missing, desc="signatures", unit="img", disable=not progress or not missing):
         cached[keys[i]] = signature(load_image_file(str(paths[i])).pixels)
     if missing:
-        tmp = cache_file.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=np.array(list(cached)), values=np.stack(list(cached.values())))
-        tmp.replace(cache_file)
+        save_cache(cache_file, keys=np.array(list(cached)), values=np.stack(list(cached.values())))
     return np.stack([cached[k] for k in keys]) if keys else np.zeros((0, SIGNATURE_SIDE**2), np.float32)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.audit import cache_dir
+from export.audit import cache_dir, save_cache
 from export.datasets import AnnotatedSlice
 from export.prepared import TargetSlice
 from gateway.preprocessing import crop_and_resize, load_image_file, prepare
@@ -89,9 +89,7 @@ def load_instances(slices: Sequence[TargetSlice], size: int, *, desc: str = "pre
     images_arr = np.stack(images) if images else np.zeros((0, size, size), np.float32)
     flat = np.concatenate(masks) if masks else np.zeros((0, size, size), np.uint8)
     counts = np.array([len(m) for m in masks], dtype=np.int64)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, images=images_arr.astype(np.float16), masks=flat, counts=counts)
-    tmp.replace(cache)
+    save_cache(cache, images=images_arr.astype(np.float16), masks=flat, counts=counts)
     # Return what a cache hit would return (float16 round trip) so runs are reproducible.
     return InstanceSet(paths, images_arr.astype(np.float16).astype(np.float32), masks)
 

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from export.audit import cache_dir
+from export.audit import cache_dir, save_cache
 from export.datasets import AnnotatedSlice, BoxedSlice, MaskedSlice
 
 # Anything with a `.path` and a `.union_mask(height, width)` target.
@@ -34,7 +34,7 @@ def prepared_images(paths: Sequence[Path], size: int, *, desc: str = "prepare") 
     if cache.is_file():
         return np.load(cache)
     images = np.stack([model_input(p, size) for p in tqdm(paths, desc=desc, unit="img")])
-    np.save(cache, images)
+    save_cache(cache, array=images)
     return images
 
 
@@ -51,7 +51,7 @@ def prepared_slices(slices: Sequence[TargetSlice], size: int, *, desc: str = "pr
         images.append(image)
         masks.append(mask)
     images_arr, masks_arr = np.stack(images), np.stack(masks)
-    np.savez(cache, images=images_arr, masks=masks_arr)
+    save_cache(cache, images=images_arr, masks=masks_arr)
     return images_arr, masks_arr
 
 

@@ -145,6 +145,33 @@ def test_signature_survives_recrop_rescale_and_contrast() -> None:
     assert float(base @ signature(load_image_file(str(slices["y100.jpg"])).pixels)) < 0.90
 
 
+def _signatures_in(cache: str, paths: list[Path]) -> np.ndarray:
+    import os
+
+    os.environ["BRAINSCAN_CACHE"] = cache
+    from export.audit import compute_signatures
+
+    return compute_signatures(paths, progress=False)
+
+
+@needs_data
+def test_runs_filling_one_signature_cache_at_once_all_finish(tmp_path: Path) -> None:
+    """Trainings started together all write the cache; a shared temporary name made all but one crash
+    (timing-dependent, so several rounds of four writers, each round on a fresh cache)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    paths = [s.path for s in load_via_split(DATA_ROOT, "ruslan-kl-polygons", "val")]
+    caches = [tmp_path / f"round{r}" for r in range(6)]
+    for cache in caches:
+        cache.mkdir()
+    with ProcessPoolExecutor(4) as pool:
+        for cache in caches:
+            results = list(pool.map(_signatures_in, [str(cache)] * 4, [paths] * 4))
+            assert all(np.array_equal(r, results[0]) for r in results)
+            assert [p.name for p in cache.iterdir()] == ["signatures-v1.npz"]  # no temporary file left behind
+    assert np.array_equal(_signatures_in(str(caches[0]), paths), results[0])
+
+
 @needs_data
 def test_audit_subsets_and_training_exclusion() -> None:
     from export.audit import EVAL_SPLITS, load_or_build_audit
