@@ -20,7 +20,8 @@ import numpy as np
 
 from gateway.backends.embedded import EmbeddedBackend
 from gateway.config import GatewayConfig
-from gateway.postprocessing import instances_from_maskrcnn, segmentation_from_unet
+from gateway.pipeline import unet_min_component_px
+from gateway.postprocessing import drop_small_components, instances_from_maskrcnn, segmentation_from_unet
 from gateway.preprocessing import decode_image, find_brain_box, prepare
 
 Feeds = dict[str, dict[str, np.ndarray]]  # role → inputs
@@ -57,7 +58,9 @@ def run_inprocess(backend: EmbeddedBackend, data: bytes, config: GatewayConfig) 
     backend.run_session("classifier", {"image": cls.tensor[None, :, :, None]})
     seg = prepare(decoded.pixels, specs["unet"].input_size, crop=crop)
     mask = backend.run_session("unet", {"image": seg.tensor[None, :, :, None]})["mask"]
-    segmentation_from_unet(mask[0, :, :, 0], seg, threshold=config.mask_threshold, spacing=decoded.pixel_spacing_mm)
+    probabilities = drop_small_components(mask[0, :, :, 0], threshold=config.mask_threshold,
+                                          min_px=unet_min_component_px(specs["unet"], config))
+    segmentation_from_unet(probabilities, seg, threshold=config.mask_threshold, spacing=decoded.pixel_spacing_mm)
     size = specs["maskrcnn"].input_size
     det = prepare(decoded.pixels, size, crop=crop)
     out = backend.run_session("maskrcnn", {"image": det.tensor[None]})

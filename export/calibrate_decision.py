@@ -1,6 +1,8 @@
-"""`python -m export export decision`: choose the tumor decision's operating point on validation data.
+"""`python -m export export decision`: choose the served answer's operating points on validation data.
 
-Runs the exported classifier, U-Net and Mask R-CNN (ONNX Runtime, the
+First the U-Net's smallest served mask region (`export.unet_regions`, on the
+U-Net's own validation split), written as `min_component_px` into
+`model_repository/unet/config.pbtxt`. Then the decision: runs the exported classifier, U-Net and Mask R-CNN (ONNX Runtime, the
 gateway's preprocessing) on the classifier's validation split: slices carved
 from the training sources by near-duplicate group (Sartaj, Br35H, ruslan-kl)
 or by patient (lgg-flair/train), never an evaluation split. Then picks, by
@@ -15,7 +17,7 @@ grid search, the thresholds of the rule the gateway applies
     tumor (no localization model ran)   when p(tumor) >= decision_alone
 
 maximizing the mean over sources of balanced accuracy (sensitivity only for
-the tumor-only sources). The thresholds are written as parameters of
+the tumor-only sources), the U-Net masks filtered as served. The thresholds are written as parameters of
 `model_repository/classifier/config.pbtxt`; the validation report goes to
 `model_repository/classifier/decision.json`.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from export import unet_regions
 from export.datasets import CLASS_LABELS, default_data_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +41,7 @@ MAX_SCOPE_FLAGS = 0.005
 GATES = np.round(np.arange(0.05, 0.96, 0.05), 2)
 STRONG = np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), [0.95, 0.97, 0.98, 0.99, 0.995, 1.0]]), 3)  # 1.0: never alone
 MASK_FRACTIONS = (0.0005, 0.001, 0.002, 0.004, 0.008)
+MASK_THRESHOLD = 0.5  # the gateway's default BRAINSCAN_MASK_THRESHOLD
 
 
 @dataclass
@@ -52,11 +56,12 @@ class Evidence:
     max_instance_score: np.ndarray
 
 
-def collect(repository: Path, data_root: Path, run_args: dict, threads: int) -> Evidence:
+def collect(repository: Path, data_root: Path, run_args: dict, threads: int, min_component_px: int = 0) -> Evidence:
     import onnxruntime as ort
 
     from export import train_classifier as tc
     from gateway.contract import load_model_spec
+    from gateway.postprocessing import drop_small_components
     from gateway.preprocessing import load_image_file, prepare
 
     _, items = tc.run_items(run_args, data_root)
@@ -67,13 +72,14 @@ def collect(repository: Path, data_root: Path, run_args: dict, threads: int) -> 
     specs = {name: load_model_spec(repository / name) for name in ("classifier", "unet", "maskrcnn")}
     sessions = {name: ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
                 for name, spec in specs.items()}
-    mask_threshold = 0.5  # the gateway's default BRAINSCAN_MASK_THRESHOLD
+    mask_threshold = MASK_THRESHOLD
     rows = []
     for i in tqdm(val, desc="decision evidence (validation)", unit="img"):
         gray = load_image_file(str(items.paths[i])).pixels
         cls = sessions["classifier"].run(["probabilities", "in_scope"],
                                          {"image": prepare(gray, specs["classifier"].input_size).tensor[None, ..., None]})
         unet = sessions["unet"].run(None, {"image": prepare(gray, specs["unet"].input_size).tensor[None, ..., None]})[0]
+        unet = drop_small_components(unet[0, ..., 0], threshold=mask_threshold, min_px=min_component_px)
         scores = sessions["maskrcnn"].run(["scores"], {"image": prepare(gray, specs["maskrcnn"].input_size).tensor[None]})[0]
         rows.append((1.0 - float(cls[0][0, NO_TUMOR]), float(cls[1][0, 0]), float((unet >= mask_threshold).mean()),
                      float(scores.max()) if len(scores) else 0.0))
@@ -154,6 +160,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", type=Path, default=REPO_ROOT / "runs" / "classifier",
                         help="the classifier's run folder (its args.json fixes the validation split)")
     parser.add_argument("--detection-threshold", type=float, default=0.5, help="the gateway's Mask R-CNN score threshold")
+    unet_regions.add_arguments(parser, REPO_ROOT)
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     return parser
 
@@ -163,15 +170,27 @@ def main(args: argparse.Namespace) -> int:
 
     args_file = Path(args.run) / "args.json"
     run_args = json.loads(args_file.read_text()) if args_file.is_file() else {}
-    evidence = collect(args.repository, args.data, run_args, args.threads)
+    regions = unet_regions.choose_min_component_px(args.repository, args.data, args.unet_run, args.threads, MASK_THRESHOLD)
+    set_model_parameters(args.repository, "unet", {"min_component_px": str(regions["min_component_px"])})
+    print(f"U-Net regions under {regions['min_component_px']} px dropped: validation score "
+          f"{regions['scores'][str(regions['min_component_px'])]['score']} against {regions['scores']['0']['score']} unfiltered")
+    evidence = collect(args.repository, args.data, run_args, args.threads, int(regions["min_component_px"]))  # type: ignore[call-overload]
     report = choose(evidence, args.detection_threshold)
+    report["unet_min_component_px"] = regions["min_component_px"]
     set_model_parameters(args.repository, "classifier", report["parameters"])  # type: ignore[arg-type]
     out = Path(args.repository) / "classifier" / "decision.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    # The classifier's card metrics depend on decision_alone and scope_threshold: recompute them.
     from export.evaluate_keras import evaluate
     from export.repository import replace_card_metrics
 
+    # The U-Net's card metrics are of its served masks, which the regions filter changes: recompute them.
+    unet_metrics = evaluate("unet", data_root=args.data, repository=args.repository, threads=args.threads)
+    unet_metrics["regions_validation"] = regions
+    replace_card_metrics(args.repository, "unet", unet_metrics,
+                         note=f"Recomputed by `python -m export export decision`, mask regions under "
+                              f"{regions['min_component_px']} px of the {regions['grid']}-px grid dropped "
+                              "(the size it chose on the U-Net's validation split)")
+    # The classifier's card metrics depend on decision_alone and scope_threshold: recompute them.
     metrics = evaluate("classifier", data_root=args.data, repository=args.repository, threads=args.threads)
     card = json.loads(card_metrics_text(Path(args.repository) / "classifier" / "MODEL_CARD.md"))
     for key in ("calibration_validation",):

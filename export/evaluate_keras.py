@@ -24,6 +24,9 @@ from tqdm import tqdm
 
 from export.datasets import CLASS_LABELS, default_data_root, load_classification_split, load_via_split, relative_to_root
 from export.error_gallery import ErrorCase, write_gallery
+from gateway.config import GatewayConfig
+from gateway.pipeline import unet_min_component_px
+from gateway.postprocessing import drop_small_components
 from gateway.preprocessing import PreparedImage, crop_and_resize, load_image_file, mask_to_original, prepare
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +335,7 @@ def evaluate_unet(
 @dataclass(frozen=True)
 class UnetOutput:
     prepared: PreparedImage  # what the model saw
-    probability: np.ndarray  # on the model's grid
+    probability: np.ndarray  # on the model's grid, regions under the U-Net's min_component_px dropped (as served)
     mask: np.ndarray  # on the original pixel grid, as served
     shape: tuple[int, int]  # the image's (height, width)
 
@@ -340,7 +343,8 @@ class UnetOutput:
 def _unet_output(model: OnnxModel, path: Path) -> UnetOutput:
     gray = load_image_file(str(path)).pixels
     prepared = prepare(gray, model.size)
-    prob = model.run(prepared.tensor[None, ..., None])[0, ..., 0]
+    prob = drop_small_components(model.run(prepared.tensor[None, ..., None])[0, ..., 0], threshold=MASK_THRESHOLD,
+                                 min_px=unet_min_component_px(model.spec, GatewayConfig()))
     return UnetOutput(prepared, prob, mask_to_original(prob, prepared) >= MASK_THRESHOLD, gray.shape)
 
 
@@ -431,6 +435,7 @@ def evaluate(
     }
     if model_name == "unet":
         report["mask_threshold"] = MASK_THRESHOLD
+        report["min_component_px"] = unet_min_component_px(model.spec, GatewayConfig())
     report["targets"] = check_targets(model_name, splits)
     return report
 

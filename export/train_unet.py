@@ -49,6 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="share of training images passed through a random intensity curve")
     parser.add_argument("--lgg-val-patients", type=int, default=12, help="lgg-flair/train patients held out for selection")
     parser.add_argument("--negative-repeat", type=int, default=1, help="times each tumor-free training slice is drawn per epoch")
+    parser.add_argument("--hard-negative-repeat", type=int, default=0,
+                        help="extra draws per epoch for each tumor-free training slice on which the starting model "
+                             "(--init) shows a mask; mined once before training (0 = off)")
     parser.add_argument("--lgg-tumor-repeat", type=int, default=1,
                         help="times each lgg-flair/train slice with a tumor mask is drawn per epoch")
     return parser
@@ -174,30 +177,35 @@ def segmentation_loss(dice_weight: float, box_weight: float, image_dice_weight: 
     return loss
 
 
-def segmentation_callback(val_x: np.ndarray, val_y: np.ndarray, val_sources: Sequence[str], val_box: np.ndarray):
-    """Adds val_score, the mean of per-source Dice (mask targets), box containment and empty-mask rates."""
-    import keras
+def validation_parts(pred: np.ndarray, truth: np.ndarray, sources: Sequence[str], is_box: np.ndarray) -> dict[str, float]:
+    """Per source: mean Dice (mask targets), share of masks at least half inside the box (box targets) and
+    share of empty masks (tumor-free slices). The selection score is their mean."""
+    sources_arr = np.asarray(sources)
+    positive = truth.reshape(len(truth), -1).any(axis=1)
+    nonempty = pred.reshape(len(pred), -1).any(axis=1)
+    parts: dict[str, float] = {}
+    for source in sorted(set(sources_arr.tolist())):
+        rows = sources_arr == source
+        boxes = rows & is_box
+        masks_pos = rows & positive & ~is_box
+        negatives = rows & ~positive
+        if boxes.any():
+            parts[f"{source}_inside_half"] = float((inside_box_share(pred[boxes], truth[boxes]) >= 0.5).mean())
+        if masks_pos.any():
+            parts[f"{source}_dice"] = float(dice_scores(pred[masks_pos], truth[masks_pos]).mean())
+        if negatives.any():
+            parts[f"{source}_empty"] = float((~nonempty[negatives]).mean())
+    return parts
 
-    sources = np.asarray(val_sources)
-    positive = val_y.reshape(len(val_y), -1).any(axis=1)
+
+def segmentation_callback(val_x: np.ndarray, val_y: np.ndarray, val_sources: Sequence[str], val_box: np.ndarray):
+    """Adds val_score, the mean of `validation_parts` (raw masks: the served regions filter is chosen after training)."""
+    import keras
 
     class SegmentationMetrics(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             pred = self.model.predict(val_x, batch_size=32, verbose=0) >= THRESHOLD
-            truth = val_y >= 0.5
-            nonempty = pred.reshape(len(pred), -1).any(axis=1)
-            parts: dict[str, float] = {}
-            for source in sorted(set(val_sources)):
-                rows = sources == source
-                boxes = rows & val_box
-                masks_pos = rows & positive & ~val_box
-                negatives = rows & ~positive
-                if boxes.any():
-                    parts[f"{source}_inside_half"] = float((inside_box_share(pred[boxes], truth[boxes]) >= 0.5).mean())
-                if masks_pos.any():
-                    parts[f"{source}_dice"] = float(dice_scores(pred[masks_pos], truth[masks_pos]).mean())
-                if negatives.any():
-                    parts[f"{source}_empty"] = float((~nonempty[negatives]).mean())
+            parts = validation_parts(pred, val_y >= 0.5, val_sources, val_box)
             score = float(np.mean(list(parts.values())))
             if logs is not None:
                 logs["val_score"] = score
@@ -226,9 +234,18 @@ def main(args: argparse.Namespace) -> int:
     print(f"train {len(train_idx)} / val {len(val_idx)} slices; {dict(sorted(cells.items()))}", flush=True)
 
     kind = is_box.astype(np.float32)
+    model = build_unet(args.size, pretrained=args.pretrained)
+    train_common.load_initial_weights(model, args.init)
     # Tumor-free slices repeated: healthy anatomy is what the model must learn to leave empty.
     empty = ~targets.reshape(len(targets), -1).any(axis=1)
-    train_idx = train_common.oversample(train_idx, empty[train_idx], args.negative_repeat)
+    hard: set[int] = set()
+    if args.hard_negative_repeat:
+        negatives = [int(i) for i in train_idx if empty[i] and not is_box[i]]
+        shown = (model.predict(images[negatives], batch_size=32, verbose=0) >= THRESHOLD).reshape(len(negatives), -1).any(axis=1)
+        hard = {i for i, flag in zip(negatives, shown) if flag}
+        print(f"{len(hard)} of {len(negatives)} tumor-free training slices show a mask: drawn "
+              f"{args.hard_negative_repeat}x more per epoch", flush=True)
+    train_idx = train_common.oversample(train_idx, empty[train_idx], args.negative_repeat, hard, args.hard_negative_repeat)
     # LGG FLAIR tumors can be drawn more often: the one sequence with few tumor slices next to many negatives.
     lgg_tumor = (np.asarray(sources) == "lgg-flair") & ~empty & ~is_box
     train_idx = train_common.oversample(train_idx, lgg_tumor[train_idx], args.lgg_tumor_repeat)
@@ -248,8 +265,6 @@ def main(args: argparse.Namespace) -> int:
         .with_options(options)
     )
     steps = len(train_idx) // args.batch_size
-    model = build_unet(args.size, pretrained=args.pretrained)
-    train_common.load_initial_weights(model, args.init)
     schedule = train_common.cosine_schedule(args.lr, steps * args.epochs, warmup_steps=steps // 2)
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=args.weight_decay),
@@ -274,6 +289,8 @@ def main(args: argparse.Namespace) -> int:
         "train_draws_per_epoch": int(len(train_idx)),
         "negative_repeat": args.negative_repeat,
         "lgg_tumor_repeat": args.lgg_tumor_repeat,
+        "hard_negatives": len(hard),
+        "hard_negative_repeat": args.hard_negative_repeat,
         "image_dice_weight": args.image_dice_weight,
         "train_cells": dict(sorted(cells.items())),
         "val_slices": int(len(val_idx)),

@@ -36,6 +36,9 @@ class GatewayConfig:
     scope_threshold: float | None = None
     mask_threshold: float = 0.5
     detection_threshold: float = 0.5
+    # U-Net mask regions under this many pixels of its input grid are dropped; None = the U-Net's
+    # config.pbtxt parameter min_component_px (0 when absent: nothing dropped)
+    unet_min_component_px: int | None = None
     max_request_mb: float = 32.0
     max_image_side: int = 8192
     max_in_flight: int = 64

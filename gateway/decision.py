@@ -14,7 +14,8 @@ what the models returned. The rule (README "How the answer is decided"):
    - when the client asked for a localization model (U-Net or Mask R-CNN):
      tumor = p >= strong, or the slice passed the gate (p >= gate, decided once
      per slice by `passes_gate`) and there is localized evidence, where evidence
-     is a U-Net mask covering >= min_mask_fraction of the U-Net's input grid or
+     is a U-Net mask (its regions under the U-Net's min_component_px already
+     dropped) covering >= min_mask_fraction of the U-Net's input grid or
      any Mask R-CNN instance scoring >= the detection threshold. Gated, those
      models run only when p >= gate, so gated and ungated answers agree;
    - when the client skipped both: tumor = p >= alone.

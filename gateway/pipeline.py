@@ -28,6 +28,7 @@ import numpy as np
 
 from gateway.backends.base import Backend
 from gateway.contract import ModelSpec
+from gateway.errors import ContractError
 from gateway.config import GatewayConfig
 from gateway.decision import (
     Decision,
@@ -43,6 +44,7 @@ from gateway.image_header import ImageHeader
 from gateway.postprocessing import (
     InstanceResult,
     SegmentationResult,
+    drop_small_components,
     instances_from_maskrcnn,
     segmentation_from_unet,
 )
@@ -125,6 +127,11 @@ class Pipeline:
     def decision(self) -> DecisionParameters:
         """The decision's operating points; read once the backend has loaded the model specs."""
         return decision_parameters(self.backend.specs["classifier"], self.config)
+
+    @functools.cached_property
+    def min_component_px(self) -> int:
+        """U-Net mask regions under this many grid pixels are dropped (gateway.postprocessing.drop_small_components)."""
+        return unet_min_component_px(self.backend.specs["unet"], self.config)
 
     @property
     def model_versions(self) -> dict[str, str]:
@@ -264,10 +271,10 @@ class Pipeline:
         time_left(deadline, "unet")
         with stopwatch.stage("unet"):
             outputs = await self.backend.infer("unet", {"image": prepared.tensor[None, :, :, None]}, deadline=deadline)
-        probabilities = outputs["mask"][0, :, :, 0]
-        threshold = self.config.mask_threshold
+        threshold, min_px = self.config.mask_threshold, self.min_component_px
 
         def postprocess() -> tuple[SegmentationResult | None, float]:
+            probabilities = drop_small_components(outputs["mask"][0, :, :, 0], threshold=threshold, min_px=min_px)
             fraction = float(np.count_nonzero(probabilities >= threshold)) / probabilities.size
             mask = segmentation_from_unet(probabilities, prepared, threshold=threshold, spacing=decoded.pixel_spacing_mm)
             return mask, fraction
@@ -324,6 +331,21 @@ def decision_parameters(classifier: ModelSpec, config: GatewayConfig) -> Decisio
         detection_threshold=config.detection_threshold,
         learned_scope=any(t.name == SCOPE_OUTPUT for t in classifier.outputs),
     )
+
+
+def unet_min_component_px(unet: ModelSpec, config: GatewayConfig) -> int:
+    """BRAINSCAN_UNET_MIN_COMPONENT_PX when set, else the U-Net's config.pbtxt parameter, else 0 (keep every region)."""
+    if config.unet_min_component_px is not None:
+        value: object = config.unet_min_component_px
+    else:
+        value = unet.parameters.get("min_component_px") or 0
+    try:
+        min_px = int(value)  # type: ignore[call-overload]
+    except ValueError:
+        raise ContractError(f"unet parameter min_component_px={value!r} is not an integer") from None
+    if min_px < 0:
+        raise ContractError(f"unet min_component_px {min_px} is negative")
+    return min_px
 
 
 async def _value(value):

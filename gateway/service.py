@@ -109,6 +109,7 @@ class BrainScanService(pb_grpc.BrainScanServicer):
             tumor_threshold=decision.gate,
             mask_threshold=config.mask_threshold,
             detection_threshold=config.detection_threshold,
+            unet_min_component_px=self.pipeline.min_component_px,
             disclaimer=DISCLAIMER,
             decision=pb.DecisionInfo(
                 gate=decision.gate,

@@ -113,6 +113,27 @@ def permissive_gateway(tiny_repository, tmp_path_factory):
     stop_gateway(gateway)
 
 
+def test_a_mask_region_under_the_unets_minimum_is_not_shown(tiny_repository, permissive_gateway, tmp_path):
+    """Mask threshold 0 makes the U-Net's whole grid one region; a minimum one pixel larger drops it."""
+    from gateway.contract import load_model_spec
+
+    grid = load_model_spec(tiny_repository / "unet").input_size
+    strict = start_gateway(tiny_repository, tmp_path, env={
+        "BRAINSCAN_MASK_THRESHOLD": "0", "BRAINSCAN_UNET_MIN_COMPONENT_PX": str(grid * grid + 1)})
+    try:
+        with Client(strict.address) as client:
+            info = client.model_info()
+            dropped = client.analyze(synthetic_slice(128), gate=False, detect=False)
+        with Client(permissive_gateway.address) as client:
+            shown = client.analyze(synthetic_slice(128), gate=False, detect=False)
+            assert client.model_info().unet_min_component_px == 0  # the tiny U-Net's config has no minimum
+    finally:
+        stop_gateway(strict)
+    assert info.unet_min_component_px == grid * grid + 1
+    assert dropped.segmentation_ran and dropped.mask is None and dropped.segmentation_area_px == 0
+    assert shown.mask is not None and shown.segmentation_area_px > 0
+
+
 def test_dicom_with_pixel_spacing_reports_areas_in_mm2(permissive_gateway):
     pixels = synthetic_slice(128).astype(np.uint16) * 16
     with Client(permissive_gateway.address) as client:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from gateway.errors import InvalidImage
-from gateway.postprocessing import instances_from_maskrcnn, segmentation_from_unet
+from gateway.postprocessing import drop_small_components, instances_from_maskrcnn, segmentation_from_unet
 from gateway.preprocessing import (
     CropBox,
     boxes_to_original,
@@ -143,6 +145,45 @@ def test_unet_mask_bbox_and_area_match_the_mapped_pixels():
             continue
         assert seg is not None and seg.area_px == ys.size
         assert seg.bbox == (xs.min(), ys.min(), xs.max() + 1.0, ys.max() + 1.0)
+
+
+def test_unet_regions_under_the_minimum_are_dropped_and_the_rest_left_alone():
+    probabilities = np.full((40, 40), 0.2, np.float32)
+    probabilities[2:5, 2:5] = 0.9  # 9 px: a speck
+    probabilities[8, 8] = probabilities[9, 9] = probabilities[10, 10] = 0.8  # 3 px touching only diagonally
+    probabilities[20:30, 20:30] = np.linspace(0.5, 1.0, 100, dtype=np.float32).reshape(10, 10)  # 100 px
+    probabilities[35:37, 30:35] = 0.7  # 10 px: exactly the minimum below
+    kept = drop_small_components(probabilities, threshold=0.5, min_px=10)
+    assert kept.dtype == probabilities.dtype
+    assert not (kept[2:5, 2:5] >= 0.5).any() and not (kept[8:11, 8:11] >= 0.5).any()
+    assert np.array_equal(kept[20:30, 20:30], probabilities[20:30, 20:30])
+    assert np.array_equal(kept[35:37, 30:35], probabilities[35:37, 30:35])
+    untouched = np.ones_like(probabilities, bool)
+    untouched[2:5, 2:5] = False
+    untouched[8:11, 8:11] = False
+    assert np.array_equal(kept[untouched], probabilities[untouched])  # below-threshold pixels stay as they were
+    # The diagonal run is one region under 8-connectivity: with a minimum of 3 it stays.
+    assert (drop_small_components(probabilities, threshold=0.5, min_px=3)[8:11, 8:11] >= 0.5).sum() == 3
+    assert drop_small_components(probabilities, threshold=0.5, min_px=0) is probabilities
+
+
+def test_the_unets_minimum_region_comes_from_its_config_unless_overridden():
+    from gateway.config import GatewayConfig
+    from gateway.contract import ModelSpec
+    from gateway.errors import ContractError
+    from gateway.pipeline import unet_min_component_px
+
+    def spec(parameters: dict[str, str]) -> ModelSpec:
+        return ModelSpec(name="unet", version="1", max_batch_size=8, inputs=(), outputs=(), directory=Path("."),
+                         parameters=parameters)
+
+    assert unet_min_component_px(spec({}), GatewayConfig()) == 0
+    assert unet_min_component_px(spec({"min_component_px": "50"}), GatewayConfig()) == 50
+    assert unet_min_component_px(spec({"min_component_px": "50"}), GatewayConfig(unet_min_component_px=0)) == 0
+    with pytest.raises(ContractError, match="min_component_px='many' is not an integer"):
+        unet_min_component_px(spec({"min_component_px": "many"}), GatewayConfig())
+    with pytest.raises(ContractError, match="negative"):
+        unet_min_component_px(spec({}), GatewayConfig(unet_min_component_px=-1))
 
 
 def test_header_sizes_agree_with_pillow_on_real_files():

@@ -156,6 +156,34 @@ def test_decision_operating_point_is_chosen_from_the_evidence() -> None:
     assert report["validation"]["scope_flagged_share"] <= 0.005
 
 
+def test_the_unet_region_minimum_drops_healthy_specks_and_keeps_small_tumors() -> None:
+    """Hand-built validation masks: tumor-free slices with specks of 6-12 px, tumor slices with a
+    20-px lesion next to a 4-px speck. The size chosen drops every speck and keeps every lesion."""
+    from export.unet_regions import best_size, score_sizes
+
+    probabilities, truth = [], []
+    for i in range(12):
+        p = np.zeros((48, 48), np.float32)
+        t = np.zeros((48, 48), bool)
+        if i % 2:  # tumor slice
+            t[10:14, 10:15] = True
+            p[10:14, 10:15] = 0.9
+            p[40:42, 40:42] = 0.8
+        else:
+            side = 2 + i % 3  # specks of 2×3, 3×3 and 4×3 px
+            p[30:30 + side, 5:8] = 0.7
+        probabilities.append(p)
+        truth.append(t)
+    sources = ["lgg-flair"] * 12
+    scores = score_sizes(np.stack(probabilities), np.stack(truth), sources, np.zeros(12, bool), threshold=0.5,
+                         candidates=(0, 5, 13, 21, 40))
+    assert scores[0]["parts"]["lgg-flair_empty"] == 0.0
+    chosen = best_size(scores)
+    assert chosen == 13  # 5 keeps the 9- and 12-px specks; 21 drops the 20-px lesion too
+    assert scores[13]["parts"] == {"lgg-flair_dice": 1.0, "lgg-flair_empty": 1.0}
+    assert best_size({0: {"score": 0.9}, 10: {"score": 0.9}, 20: {"score": 0.8}}) == 0  # a tie keeps more
+
+
 @needs_new_data
 def test_new_source_loaders_on_real_files() -> None:
     from export.datasets import LGG_MIN_TUMOR_PX, BoxedSlice, load_head_ct, load_lgg_split, load_sartaj_boxes

@@ -216,6 +216,8 @@ def _info(args: argparse.Namespace) -> int:
     d = info.decision
     print(f"decision: tumor when p(tumor) >= {d.strong:g}, or >= {d.gate:g} with a U-Net mask >= {d.min_mask_fraction:g} "
           f"of its input or a Mask R-CNN instance >= {info.detection_threshold:g}; >= {d.alone:g} when both are skipped")
+    print(f"U-Net mask: pixels >= {info.mask_threshold:g}, regions under {info.unet_min_component_px} px of its "
+          "input grid dropped")
     learned = f"classifier in_scope >= {d.scope_threshold:g}" if d.learned_scope_check else "not available (model has no in_scope output)"
     print(f"scope: image-level checks (blank, colour image); learned check: {learned}")
     print(info.disclaimer)

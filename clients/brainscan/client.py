@@ -65,6 +65,7 @@ class ServerInfo:
     decision: DecisionInfo
     detection_threshold: float
     mask_threshold: float
+    unet_min_component_px: int  # U-Net mask regions smaller than this (pixels of its input grid) are dropped
 
 
 def _open_channel(
@@ -124,6 +125,7 @@ def _server_info(response: pb.GetModelInfoResponse) -> ServerInfo:
         ),
         detection_threshold=response.detection_threshold,
         mask_threshold=response.mask_threshold,
+        unet_min_component_px=response.unet_min_component_px,
     )
 
 

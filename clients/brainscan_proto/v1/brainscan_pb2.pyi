@@ -201,13 +201,14 @@ class DecisionInfo(_message.Message):
     def __init__(self, gate: _Optional[float] = ..., alone: _Optional[float] = ..., strong: _Optional[float] = ..., min_mask_fraction: _Optional[float] = ..., scope_threshold: _Optional[float] = ..., learned_scope_check: bool = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("models", "backend", "tumor_threshold", "mask_threshold", "detection_threshold", "disclaimer", "decision")
+    __slots__ = ("models", "backend", "tumor_threshold", "mask_threshold", "detection_threshold", "disclaimer", "unet_min_component_px", "decision")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     TUMOR_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MASK_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DETECTION_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DISCLAIMER_FIELD_NUMBER: _ClassVar[int]
+    UNET_MIN_COMPONENT_PX_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     backend: str
@@ -215,8 +216,9 @@ class GetModelInfoResponse(_message.Message):
     mask_threshold: float
     detection_threshold: float
     disclaimer: str
+    unet_min_component_px: int
     decision: DecisionInfo
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., backend: _Optional[str] = ..., tumor_threshold: _Optional[float] = ..., mask_threshold: _Optional[float] = ..., detection_threshold: _Optional[float] = ..., disclaimer: _Optional[str] = ..., decision: _Optional[_Union[DecisionInfo, _Mapping]] = ...) -> None: ...
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., backend: _Optional[str] = ..., tumor_threshold: _Optional[float] = ..., mask_threshold: _Optional[float] = ..., detection_threshold: _Optional[float] = ..., disclaimer: _Optional[str] = ..., unet_min_component_px: _Optional[int] = ..., decision: _Optional[_Union[DecisionInfo, _Mapping]] = ...) -> None: ...
 
 class SeriesOptions(_message.Message):
     __slots__ = ("analysis", "group_series", "dicom_seg", "dicom_sr")
