@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,9 @@ def test_training_smoke_then_export_with_parity(tmp_path: Path) -> None:
 
     common = ["--data", str(DATA_ROOT), "--limit", "24", "--epochs", "1", "--size", "32", "--batch-size", "8"]
     assert train_classifier.main(_args(train_classifier, common + ["--intensity-remap", "0.5", "--out", str(tmp_path / "clf")])) == 0
-    assert train_unet.main(_args(train_unet, common + ["--out", str(tmp_path / "unet")])) == 0
+    assert train_unet.main(_args(train_unet, common + ["--hard-negative-repeat", "2", "--out", str(tmp_path / "unet")])) == 0
+    unet_summary = json.loads((tmp_path / "unet" / "summary.json").read_text())
+    assert unet_summary["hard_negative_repeat"] == 2 and unet_summary["hard_negatives"] >= 0  # mined by the starting model
     for model, run in (("classifier", "clf"), ("unet", "unet")):
         run_dir = tmp_path / run
         assert {"args.json", "log.csv", "best.keras", "summary.json"} <= {p.name for p in run_dir.iterdir()}
