@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from export.datasets import CLASS_LABELS, default_data_root, load_classification_split, load_via_split, relative_to_root
 from export.error_gallery import ErrorCase, write_gallery
+from export.intervals import evidence_groups, mean_interval
 from gateway.config import GatewayConfig
 from gateway.pipeline import unet_min_component_px
 from gateway.postprocessing import drop_small_components
@@ -244,11 +245,13 @@ def dice_and_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return (1.0 if total == 0 else 2.0 * inter / total), (1.0 if union == 0 else inter / union)
 
 
-def segmentation_metrics(dice: Sequence[float], iou: Sequence[float]) -> dict[str, object]:
+def segmentation_metrics(dice: Sequence[float], iou: Sequence[float], groups: Sequence[str] | None = None) -> dict[str, object]:
+    """Mean Dice/IoU per slice; the Dice's 95% interval resamples `groups` (patients, near-duplicate groups)."""
     dice_arr, iou_arr = np.asarray(dice, dtype=float), np.asarray(iou, dtype=float)
     return {
         "n": int(len(dice_arr)),
         "dice": round(float(dice_arr.mean()), 4) if len(dice_arr) else None,
+        "dice_ci95": mean_interval(dice_arr, groups),
         "iou": round(float(iou_arr.mean()), 4) if len(iou_arr) else None,
         "median_dice": round(float(np.median(dice_arr)), 4) if len(dice_arr) else None,
         "share_dice_below_0.5": round(float((dice_arr < 0.5).mean()), 4) if len(dice_arr) else None,
@@ -294,9 +297,10 @@ def evaluate_unet(
                     )
                 )
         keep_arr = np.array(keep)
+        groups = np.array(evidence_groups([item.path for item in slices]))
         results[key] = {
-            "full": segmentation_metrics(dice, iou),
-            "duplicate_free": segmentation_metrics(np.array(dice)[keep_arr], np.array(iou)[keep_arr]),
+            "full": segmentation_metrics(dice, iou, groups),
+            "duplicate_free": segmentation_metrics(np.array(dice)[keep_arr], np.array(iou)[keep_arr], groups[keep_arr]),
         }
     negatives = [p for p, label in load_classification_split(data_root, "Testing") if label == "no_tumor"]
     empty_list = []
@@ -357,7 +361,7 @@ def _unet_new_sources(model: OnnxModel, data_root: Path) -> dict[str, object]:
     from export.train_unet import inside_box_share
 
     results: dict[str, object] = {}
-    dice, iou, empty = [], [], []
+    dice, iou, empty, tumor_patients, free_patients = [], [], [], [], []
     volumes: dict[str, list[int]] = {}  # patient -> [intersection, predicted, true] pixels over every slice
     for item in tqdm(load_lgg_split(data_root, "val"), desc="unet lgg-flair/val", unit="img"):
         output = _unet_output(model, item.path)
@@ -371,13 +375,16 @@ def _unet_new_sources(model: OnnxModel, data_root: Path) -> dict[str, object]:
             d, i = dice_and_iou(pred, truth)
             dice.append(d)
             iou.append(i)
+            tumor_patients.append(item.patient)
         elif item.tumor_px == 0:
             empty.append(not pred.any())
+            free_patients.append(item.patient)
     patient_dice = [2 * inter / (p + t) if p + t else 1.0 for inter, p, t in volumes.values()]
     results["lgg-flair/val"] = {"full": {
-        **segmentation_metrics(dice, iou),
+        **segmentation_metrics(dice, iou, tumor_patients),
         "tumor_free_n": len(empty),
         "empty_mask_rate": round(float(np.mean(empty)), 4) if empty else None,
+        "empty_mask_rate_ci95": mean_interval(empty, free_patients),
         "patients": len(patient_dice),
         "mean_patient_volume_dice": round(float(np.mean(patient_dice)), 4),
     }}

@@ -35,9 +35,10 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -112,12 +113,18 @@ def served_class(result: AnalysisResult) -> int:
     return NO_TUMOR if result.label == NOT_ASSESSED else CLASS_LABELS.index(result.label)
 
 
-def decision_report(truth: Sequence[int], served: list[Served], paths: Sequence[Path]) -> dict[str, object]:
-    """Sensitivity and specificity of `tumor_detected`, calibration of the served probabilities, scope flags.
+Groups = Mapping[Path, str]  # slice → its patient or near-duplicate group (export.intervals.evidence_groups)
+
+
+def decision_report(truth: Sequence[int], served: list[Served], paths: Sequence[Path],
+                    groups: Groups | None = None) -> dict[str, object]:
+    """Sensitivity and specificity of `tumor_detected` with 95% intervals by group, calibration of the served
+    probabilities, scope flags.
 
     truth: class index per slice, or UNKNOWN_TUMOR; scores cover the answered calls. The flagged slices are
     listed (folder/file) so that a reader can see what the scope check set aside: a CT is a right flag."""
     from export.calibration import calibration_errors
+    from export.intervals import mean_interval
 
     rows = [(t, s.result, p) for t, s, p in zip(truth, served, paths) if s.result is not None]
     if not rows:
@@ -128,6 +135,7 @@ def decision_report(truth: Sequence[int], served: list[Served], paths: Sequence[
     flagged = np.array([not r.scope.assessed for r in results])
     probabilities = np.array([[r.probabilities[label] for label in CLASS_LABELS] for r in results])
     positive = truth_arr != NO_TUMOR
+    group = np.array([_group(groups, p) for _, _, p in rows])
 
     def share(values: np.ndarray) -> float | None:
         return round(float(values.mean()), 4) if len(values) else None
@@ -136,7 +144,9 @@ def decision_report(truth: Sequence[int], served: list[Served], paths: Sequence[
         "n": len(rows),
         "tumor_slices": int(positive.sum()),
         "sensitivity": share(detected[positive]),
+        "sensitivity_ci95": mean_interval(detected[positive], group[positive]),
         "specificity": share(~detected[~positive]),
+        "specificity_ci95": mean_interval(~detected[~positive], group[~positive]),
         "sensitivity_in_scope": share(detected[positive & ~flagged]),
         "scope_flagged": share(flagged),
         "scope_reasons": dict(Counter(r.scope.reason for r in results if not r.scope.assessed)),
@@ -145,24 +155,32 @@ def decision_report(truth: Sequence[int], served: list[Served], paths: Sequence[
     }
 
 
-def classification_report(items: list[tuple[Path, str]], served: list[Served]) -> dict[str, object]:
-    answered = [(label, s.result) for (_, label), s in zip(items, served) if s.result is not None]
+def _group(groups: Groups | None, path: Path) -> str:
+    """The slice's group; without a mapping every slice is its own."""
+    return groups.get(path, str(path)) if groups is not None else str(path)
+
+
+def classification_report(items: list[tuple[Path, str]], served: list[Served], groups: Groups | None = None) -> dict[str, object]:
+    from export.intervals import mean_interval
+
+    answered = [(path, label, s.result) for (path, label), s in zip(items, served) if s.result is not None]
     if not answered:
         return {"n": 0}
-    truth = np.array([CLASS_LABELS.index(label) for label, _ in answered])
-    pred = np.array([served_class(result) for _, result in answered])
-    tumor = np.array([result.tumor_detected for _, result in answered])
-    return {**label_metrics(truth, pred, tumor),
-            **truth_report([(path, CLASS_LABELS.index(label)) for path, label in items], served)}
+    truth = np.array([CLASS_LABELS.index(label) for _, label, _ in answered])
+    pred = np.array([served_class(result) for _, _, result in answered])
+    tumor = np.array([result.tumor_detected for _, _, result in answered])
+    accuracy_ci = mean_interval(pred == truth, [_group(groups, path) for path, _, _ in answered])
+    return {**label_metrics(truth, pred, tumor), "accuracy_ci95": accuracy_ci,
+            **truth_report([(path, CLASS_LABELS.index(label)) for path, label in items], served, groups)}
 
 
-def truth_report(items: list[tuple[Path, int]], served: list[Served]) -> dict[str, object]:
-    return decision_report([truth for _, truth in items], served, [path for path, _ in items])
+def truth_report(items: list[tuple[Path, int]], served: list[Served], groups: Groups | None = None) -> dict[str, object]:
+    return decision_report([truth for _, truth in items], served, [path for path, _ in items], groups)
 
 
-def lgg_report(items: list[tuple[Path, int]], served: list[Served]) -> dict[str, object]:
+def lgg_report(items: list[tuple[Path, int]], served: list[Served], groups: Groups | None = None) -> dict[str, object]:
     """The decision on LGG FLAIR slices, and which type the tumors found are given (all are gliomas)."""
-    report = truth_report(items, served)
+    report = truth_report(items, served, groups)
     found = [s.result.label for (_, truth), s in zip(items, served) if s.result is not None and truth != NO_TUMOR
              and s.result.tumor_detected]
     report["glioma_share_of_tumors_found"] = round(found.count("glioma") / len(found), 4) if found else None
@@ -188,12 +206,15 @@ def false_alarm_report(served: list[Served]) -> dict[str, object]:
     }
 
 
-def localization_report(slices: list[AnnotatedSlice], served: list[Served]) -> dict[str, object]:
-    dices, detected, flagged, regions, found, extra = [], [], [], 0, 0, 0
+def localization_report(slices: list[AnnotatedSlice], served: list[Served], groups: Groups | None = None) -> dict[str, object]:
+    from export.intervals import mean_interval
+
+    dices, detected, flagged, regions, found, extra, names = [], [], [], 0, 0, 0, []
     for item, outcome in zip(slices, served):
         result = outcome.result
         if result is None:
             continue
+        names.append(_group(groups, item.path))
         height, width = result.image_size
         truth_masks = item.instance_masks(height, width)
         truth = np.zeros((height, width), dtype=bool)
@@ -213,8 +234,10 @@ def localization_report(slices: list[AnnotatedSlice], served: list[Served]) -> d
     return {
         "n": len(dices),
         "tumor_detected": round(float(np.mean(detected)), 4),
+        "tumor_detected_ci95": mean_interval(detected, names),
         "scope_flagged": round(float(np.mean(flagged)), 4),
         "mask_dice": round(float(np.mean(dices)), 4),
+        "mask_dice_ci95": mean_interval(dices, names),
         "median_mask_dice": round(float(np.median(dices)), 4),
         "tumors": regions,
         "tumor_recall_box_iou_0.5": round(found / regions, 4) if regions else None,
@@ -242,6 +265,14 @@ def full_and_duplicate_free(
     }
 
 
+def split_groups(paths: Iterable[Path]) -> dict[Path, str]:
+    """Each slice of one split → its patient or near-duplicate group, for the 95% intervals."""
+    from export.intervals import evidence_groups
+
+    listed = list(paths)
+    return dict(zip(listed, evidence_groups(listed)))
+
+
 def spread(items: list[Item], limit: int) -> list[Item]:
     """At most `limit` items taken evenly across the list (every class of a sorted split); 0 = all."""
     if not limit or limit >= len(items):
@@ -266,28 +297,39 @@ def head_ct_items(data_root: Path) -> list[tuple[Path, int]]:
 
 
 def summary_table(splits: dict[str, dict]) -> str:
-    """One line per source: the decision as served, type accuracy where the truth has types, ECE, scope flags."""
+    """One line per source: the decision as served, type accuracy where the truth has types, ECE, scope flags;
+    sensitivity, specificity and accuracy with their 95% interval by patient / near-duplicate group."""
 
-    def cell(value: object) -> str:
-        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+    def cell(value: object, interval: object = None) -> str:
+        text = "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+        if isinstance(interval, list) and value is not None:
+            text += f" ({interval[0]:.2f}-{interval[1]:.2f})"
+        return text
 
-    lines = [f"{'source':<44} {'n':>5} {'sens':>6} {'sens in scope':>13} {'spec':>6} {'type acc':>8} "
-             f"{'ECE p(tumor)':>12} {'scope flags':>11}"]
+    lines = [f"{'source':<44} {'n':>5} {'sens (95% CI)':>17} {'sens in scope':>13} {'spec (95% CI)':>17} "
+             f"{'type acc (95% CI)':>17} {'ECE p(tumor)':>12} {'scope flags':>11}"]
     for key, split in splits.items():
         for part in ("full", "duplicate_free"):
             report = split.get(part)
             if not report or not report.get("n") or ("sensitivity" not in report and "mask_dice" not in report):
                 continue  # nothing to score, or the no_tumor false-alarm view (its numbers are in the JSON)
             name = key if part == "full" else f"{key} (duplicate-free)"
-            sensitivity = report.get("sensitivity", report.get("tumor_detected") if "mask_dice" in report else None)
-            type_accuracy = report.get("accuracy", report.get("glioma_share_of_tumors_found"))
+            if "mask_dice" in report:
+                sensitivity = cell(report.get("tumor_detected"), report.get("tumor_detected_ci95"))
+            else:
+                sensitivity = cell(report.get("sensitivity"), report.get("sensitivity_ci95"))
+            if "accuracy" in report:
+                type_accuracy = cell(report["accuracy"], report.get("accuracy_ci95"))
+            else:
+                type_accuracy = cell(report.get("glioma_share_of_tumors_found"))
             lines.append(
-                f"{name:<44} {report['n']:>5} {cell(sensitivity):>6} {cell(report.get('sensitivity_in_scope')):>13} "
-                f"{cell(report.get('specificity')):>6} "
-                f"{cell(type_accuracy):>8} {cell(report.get('ece_tumor')):>12} {cell(report.get('scope_flagged')):>11}"
+                f"{name:<44} {report['n']:>5} {sensitivity:>17} {cell(report.get('sensitivity_in_scope')):>13} "
+                f"{cell(report.get('specificity'), report.get('specificity_ci95')):>17} "
+                f"{type_accuracy:>17} {cell(report.get('ece_tumor')):>12} {cell(report.get('scope_flagged')):>11}"
             )
     lines.append("type acc: 4-class accuracy on Sartaj, glioma share of the tumors found on LGG; "
-                 "not_assessed counts as no tumor finding; sens in scope: over the tumor slices judged in scope")
+                 "not_assessed counts as no tumor finding; sens in scope: over the tumor slices judged in scope; "
+                 "95% CI: bootstrap over patients (lgg-flair) or near-duplicate groups")
     return "\n".join(lines)
 
 
@@ -309,7 +351,8 @@ def evaluate_service(
     served = serve_all(call, [path for path, _ in items], concurrency, CLASSIFIER_SPLIT)
     every_call += served
     free = [audit.is_duplicate_free(CLASSIFIER_SPLIT, path) for path, _ in items]
-    splits[CLASSIFIER_SPLIT] = full_and_duplicate_free(classification_report, items, served, free)
+    splits[CLASSIFIER_SPLIT] = full_and_duplicate_free(
+        partial(classification_report, groups=split_groups(path for path, _ in items)), items, served, free)
     negatives = [i for i, (_, label) in enumerate(items) if label == "no_tumor"]
     splits[f"{CLASSIFIER_SPLIT}/no_tumor"] = {
         **failures([served[i] for i in negatives]),
@@ -322,7 +365,8 @@ def evaluate_service(
         served = serve_all(call, [item.path for item in slices], concurrency, key)
         every_call += served
         free = [audit.is_duplicate_free(key, item.path) for item in slices]
-        splits[key] = full_and_duplicate_free(localization_report, slices, served, free)
+        splits[key] = full_and_duplicate_free(
+            partial(localization_report, groups=split_groups(item.path for item in slices)), slices, served, free)
     for key, truth_items, report in (
         (LGG_SPLIT, lgg_items(data_root), lgg_report),
         (HEAD_CT_SPLIT, head_ct_items(data_root), truth_report),
@@ -330,7 +374,7 @@ def evaluate_service(
         truth_items = spread(truth_items, limit)
         served = serve_all(call, [path for path, _ in truth_items], concurrency, key)
         every_call += served
-        splits[key] = {**failures(served), "full": report(truth_items, served)}
+        splits[key] = {**failures(served), "full": report(truth_items, served, split_groups(p for p, _ in truth_items))}
     latencies = np.array([s.latency_ms for s in every_call if s.result is not None])
     return {
         "gated": gate,

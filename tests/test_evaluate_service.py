@@ -76,6 +76,12 @@ def test_served_labels_and_masks_match_the_models_run_directly(embedded_gateway,
     served = report["splits"]["br35h-polygons/val"]["full"]
     assert served["n"] == len(slices)
     assert served["mask_dice"] == pytest.approx(np.mean(dices), abs=2e-3)
+    # Every headline share carries its 95% interval (by patient / near-duplicate group) around it.
+    lgg = report["splits"]["lgg-flair/val"]["full"]
+    for split, key in ((testing, "accuracy"), (testing, "sensitivity"), (testing, "specificity"), (served, "mask_dice"),
+                       (lgg, "sensitivity"), (lgg, "specificity")):
+        low, high = split[f"{key}_ci95"]
+        assert low <= split[key] <= high and 0.0 <= low < high <= 1.0, key
 
 
 @needs_data
