@@ -84,12 +84,7 @@ def load_keras(role: str, size: int, runs: Path, repository: Path):
     from export.keras_models import build_classifier, build_unet
     from export.train_common import load_initial_weights
 
-    args = _run_args(runs, role)
-    if role == "classifier":
-        widths, depths = _ints(args.get("widths", "24,32,64,128")), _ints(args.get("depths", "1,1,2,2"))
-        model = build_classifier(size, widths=widths, depths=depths)
-    else:
-        model = build_unet(size, base=int(args.get("base_filters", 8)), levels=int(args.get("levels", 4)))
+    model = build_classifier(size, pretrained=False) if role == "classifier" else build_unet(size, pretrained=False)
     shipped = repository / role / "1" / "model.savedmodel"
     if (shipped / "saved_model.pb").is_file():
         try:
@@ -100,14 +95,12 @@ def load_keras(role: str, size: int, runs: Path, repository: Path):
     return model, "random weights (no trained checkpoint under runs/)"
 
 
-def _ints(text: object) -> tuple[int, ...]:
-    return tuple(int(v) for v in str(text).split(","))
-
-
-def load_maskrcnn(size: int, runs: Path):
+def load_maskrcnn(size: int, runs: Path, repository: Path):
+    """(model, config, where its weights came from): a runs/ checkpoint, else the shipped ONNX file's weights
+    (export/maskrcnn_from_onnx.py), else random."""
     import torch
 
-    from export.maskrcnn_model import MaskRCNNConfig, build_maskrcnn
+    from export.maskrcnn_model import build_maskrcnn, lite0_config
 
     for name in ("best.pt", "last.pt"):
         path = runs / "maskrcnn" / name
@@ -116,14 +109,19 @@ def load_maskrcnn(size: int, runs: Path):
 
             model, config, _ = load_checkpoint(path)
             return model.eval(), config, str(path)
-    args = _run_args(runs, "maskrcnn")
-    config = MaskRCNNConfig(
-        input_size=size,
-        trunk_width=int(args.get("trunk_width", MaskRCNNConfig.trunk_width)),
-        fpn_channels=int(args.get("fpn_channels", MaskRCNNConfig.fpn_channels)),
-    )
+    config = lite0_config(size)
     torch.manual_seed(0)
-    return build_maskrcnn(config).eval(), config, "random weights (no trained checkpoint under runs/)"
+    model = build_maskrcnn(config)
+    shipped = repository / "maskrcnn" / "1" / "model.onnx"
+    if shipped.is_file():
+        from export.maskrcnn_from_onnx import state_dict_from_onnx
+
+        try:
+            model.load_state_dict(state_dict_from_onnx(model, shipped))
+            return model.eval(), config, str(shipped)
+        except (ValueError, RuntimeError, KeyError):  # another architecture: same compute, random weights
+            pass
+    return model.eval(), config, "random weights (no trained checkpoint under runs/)"
 
 
 # --- the Mask R-CNN worker process ------------------------------------------------
@@ -137,7 +135,7 @@ def maskrcnn_worker(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(os.cpu_count() or 1)
     spec = load_repository(args.model_repository)["maskrcnn"]
-    model, config, source = load_maskrcnn(spec.input_size, args.runs)
+    model, config, source = load_maskrcnn(spec.input_size, args.runs, Path(args.model_repository))
     send(protocol_out, {"ready": True, "weights": source, "input_size": config.input_size})
     stdin = sys.stdin.buffer
     while True:
@@ -215,7 +213,9 @@ class NaiveModels:
         pixels = decode_image(data).pixels
         crop = find_brain_box(pixels)
         cls = prepare(pixels, self.sizes["classifier"], crop=crop)
-        probabilities = self.classifier.predict(cls.tensor[None, :, :, None], verbose=0)[0]
+        outputs = self.classifier.predict(cls.tensor[None, :, :, None], verbose=0)
+        # The classifier has two heads (probabilities, in_scope); Keras returns them by name.
+        probabilities = (outputs["probabilities"] if isinstance(outputs, dict) else outputs)[0]
         seg = prepare(pixels, self.sizes["unet"], crop=crop)
         mask = self.unet.predict(seg.tensor[None, :, :, None], verbose=0)[0, :, :, 0]
         full = mask_to_original(mask, seg) >= THRESHOLD

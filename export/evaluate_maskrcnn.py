@@ -32,7 +32,15 @@ from tqdm import tqdm
 
 from export.datasets import AnnotatedSlice, default_data_root, load_classification_split, load_via_split
 from export.error_gallery import ErrorCase, write_gallery
-from export.maskrcnn_metrics import MASK_THRESHOLD, SERVING_THRESHOLD, Prediction, coco_metrics, false_positive_rate
+from export.intervals import evidence_groups, mean_interval
+from export.maskrcnn_metrics import (
+    MASK_THRESHOLD,
+    SERVING_THRESHOLD,
+    Prediction,
+    box_ap50_interval,
+    coco_metrics,
+    false_positive_rate,
+)
 from gateway.preprocessing import PreparedImage, boxes_to_original, crop_and_resize, load_image_file, mask_to_original, prepare
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -112,12 +120,14 @@ def evaluate_detection_split(run: Runner, size: int, slices: list[AnnotatedSlice
                 image=prepared.tensor, true_mask=crop_and_resize(truth, prepared.crop, size, interpolation=cv2.INTER_NEAREST) > 0,
             ))
     out = {}
+    groups = evidence_groups([item.path for item in slices])
     for name, chosen in (("full", [True] * len(slices)), ("duplicate_free", free)):
         g = [x for x, c in zip(gts, chosen) if c]
         p = [x for x, c in zip(preds, chosen) if c]
         row: dict[str, object] = {"images": len(g), "instances": int(sum(len(x) for x in g))}
         if g:
             row.update({k: round(v, 4) for k, v in coco_metrics(g, p).items()})
+            row["box_ap50_ci95"] = box_ap50_interval(g, p, [x for x, c in zip(groups, chosen) if c])
             # Same helper as the FP rate: here "an image with a detection" is the wanted outcome.
             row["detected_at_threshold"] = round(false_positive_rate(p, threshold), 4)
         out[name] = row
@@ -141,10 +151,13 @@ def evaluate_negatives(run: Runner, size: int, paths: list[Path], keep_free: set
                 predicted_mask=detected,
             ))
     out = {}
+    groups = evidence_groups(paths)
     for name, chosen in (("full", [True] * len(paths)), ("duplicate_free", free)):
         p = [x for x, c in zip(preds, chosen) if c]
         rate = false_positive_rate(p, threshold)
+        flagged = [bool((x.scores >= threshold).any()) for x in p]
         out[name] = {"images": len(p), "fp_rate": None if rate != rate else round(rate, 4),
+                     "fp_rate_ci95": mean_interval(flagged, [x for x, c in zip(groups, chosen) if c]),
                      "max_score_mean": round(float(np.mean([x.scores.max() if len(x.scores) else 0.0 for x in p])), 4) if p else None}
     return out
 

@@ -330,7 +330,10 @@ def card_sections(model: str, record: dict[str, object], result: ExportResult, s
                "lesion weighs as much as a large one)" if args.get("image_dice_weight") else "")
             + "; on box targets: the projections of the mask onto both axes match the box's (1-D Dice of the "
             "row/column maxima) and a BCE pushing every pixel outside the box to 0. Selection metric: mean of "
-            "per-source validation Dice, box containment and empty-mask rates. " + common_recipe
+            "per-source validation Dice, box containment and empty-mask rates"
+            + (", the masks' regions under the best candidate size dropped as served (`export/unet_regions.py`)"
+               if "val_min_component_px" in summary else "")
+            + ". " + common_recipe
         )
     export = (
         f"tf2onnx {_version('tf2onnx')} (opset {OPSET}), dynamic batch, max_batch_size {MAX_BATCH_SIZE}, "

@@ -199,18 +199,27 @@ def validation_parts(pred: np.ndarray, truth: np.ndarray, sources: Sequence[str]
 
 
 def segmentation_callback(val_x: np.ndarray, val_y: np.ndarray, val_sources: Sequence[str], val_box: np.ndarray):
-    """Adds val_score, the mean of `validation_parts` (raw masks: the served regions filter is chosen after training)."""
+    """Adds val_score, the mean of `validation_parts` as served: masks with regions under the best
+    candidate size dropped (export.unet_regions, the filter `export decision` later chooses the same way);
+    also the size (val_min_component_px) and the unfiltered score (val_score_unfiltered)."""
     import keras
+
+    from export.unet_regions import best_size, score_sizes
 
     class SegmentationMetrics(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            pred = self.model.predict(val_x, batch_size=32, verbose=0) >= THRESHOLD
-            parts = validation_parts(pred, val_y >= 0.5, val_sources, val_box)
-            score = float(np.mean(list(parts.values())))
+            probabilities = self.model.predict(val_x, batch_size=32, verbose=0)[..., 0]
+            scores = score_sizes(probabilities, val_y[..., 0] >= 0.5, list(val_sources), val_box, THRESHOLD)
+            size = best_size(scores)
+            parts: dict[str, float] = scores[size]["parts"]  # type: ignore[assignment]
+            score = float(scores[size]["score"])  # type: ignore[arg-type]
             if logs is not None:
                 logs["val_score"] = score
+                logs["val_score_unfiltered"] = float(scores[0]["score"])  # type: ignore[arg-type]
+                logs["val_min_component_px"] = float(size)
                 logs.update({f"val_{k}": v for k, v in parts.items()})
-            print(f"epoch {epoch + 1}: val_score {score:.4f} " + " ".join(f"{k}={v:.3f}" for k, v in parts.items()), flush=True)
+            print(f"epoch {epoch + 1}: val_score {score:.4f} (regions under {size} px dropped; "
+                  f"{scores[0]['score']:.4f} unfiltered) " + " ".join(f"{k}={v:.3f}" for k, v in parts.items()), flush=True)
 
     return SegmentationMetrics()
 

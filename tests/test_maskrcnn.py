@@ -163,6 +163,24 @@ def test_coco_metrics_perfect_and_empty_predictions() -> None:
     assert false_positive_rate([perfect, empty], 0.5) == 0.5
 
 
+def test_box_ap_interval_spans_what_the_patients_allow() -> None:
+    """Eight patients of three slices: five found on every slice, three missed on every slice. AP50 is
+    0.625; the interval over patients is wide, and a model that finds everything has [1, 1]."""
+    from export.maskrcnn_metrics import box_ap50_interval
+
+    gt = np.zeros((1, 32, 32), bool)
+    gt[0, 8:20, 10:24] = True
+    hit = Prediction(np.array([[10, 8, 24, 20]], np.float32), np.array([0.9], np.float32), gt.astype(np.float32))
+    miss = Prediction(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 32, 32), np.float32))
+    patients = [str(i // 3) for i in range(24)]
+    predictions = [hit if i // 3 < 5 else miss for i in range(24)]
+    assert coco_metrics([gt] * 24, predictions)["box_ap50"] == pytest.approx(0.625, abs=0.01)
+    low, high = box_ap50_interval([gt] * 24, predictions, patients, resamples=100)
+    assert low < 0.45 and high > 0.8
+    assert box_ap50_interval([gt] * 24, [hit] * 24, patients, resamples=20) == [1.0, 1.0]
+    assert box_ap50_interval([np.zeros((0, 32, 32), bool)] * 2, [miss] * 2, ["a", "b"]) is None
+
+
 # --- export -------------------------------------------------------------------------
 
 
