@@ -68,11 +68,6 @@ def receive(stream: BinaryIO) -> Any:
 # --- model loading -------------------------------------------------------------
 
 
-def _run_args(runs: Path, role: str) -> dict:
-    path = runs / role / "args.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def load_keras(role: str, size: int, runs: Path, repository: Path):
     """(model, where its weights came from): a runs/ checkpoint, else the shipped SavedModel, else random."""
     import keras

@@ -72,16 +72,15 @@ def collect(repository: Path, data_root: Path, run_args: dict, threads: int, min
     specs = {name: load_model_spec(repository / name) for name in ("classifier", "unet", "maskrcnn")}
     sessions = {name: ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
                 for name, spec in specs.items()}
-    mask_threshold = MASK_THRESHOLD
     rows = []
     for i in tqdm(val, desc="decision evidence (validation)", unit="img"):
         gray = load_image_file(str(items.paths[i])).pixels
         cls = sessions["classifier"].run(["probabilities", "in_scope"],
                                          {"image": prepare(gray, specs["classifier"].input_size).tensor[None, ..., None]})
         unet = sessions["unet"].run(None, {"image": prepare(gray, specs["unet"].input_size).tensor[None, ..., None]})[0]
-        unet = drop_small_components(unet[0, ..., 0], threshold=mask_threshold, min_px=min_component_px)
+        unet = drop_small_components(unet[0, ..., 0], threshold=MASK_THRESHOLD, min_px=min_component_px)
         scores = sessions["maskrcnn"].run(["scores"], {"image": prepare(gray, specs["maskrcnn"].input_size).tensor[None]})[0]
-        rows.append((1.0 - float(cls[0][0, NO_TUMOR]), float(cls[1][0, 0]), float((unet >= mask_threshold).mean()),
+        rows.append((1.0 - float(cls[0][0, NO_TUMOR]), float(cls[1][0, 0]), float((unet >= MASK_THRESHOLD).mean()),
                      float(scores.max()) if len(scores) else 0.0))
     values = np.array(rows, dtype=np.float64)
     return Evidence(

@@ -55,6 +55,7 @@ from export.evaluate_keras import (
     dice_and_iou,
     label_metrics,
 )
+from export.intervals import evidence_groups, mean_interval
 
 if TYPE_CHECKING:
     from brainscan.client import Client
@@ -124,8 +125,6 @@ def decision_report(truth: Sequence[int], served: list[Served], paths: Sequence[
     truth: class index per slice, or UNKNOWN_TUMOR; scores cover the answered calls. The flagged slices are
     listed (folder/file) so that a reader can see what the scope check set aside: a CT is a right flag."""
     from export.calibration import calibration_errors
-    from export.intervals import mean_interval
-
     rows = [(t, s.result, p) for t, s, p in zip(truth, served, paths) if s.result is not None]
     if not rows:
         return {"n": 0}
@@ -161,8 +160,6 @@ def _group(groups: Groups | None, path: Path) -> str:
 
 
 def classification_report(items: list[tuple[Path, str]], served: list[Served], groups: Groups | None = None) -> dict[str, object]:
-    from export.intervals import mean_interval
-
     answered = [(path, label, s.result) for (path, label), s in zip(items, served) if s.result is not None]
     if not answered:
         return {"n": 0}
@@ -207,8 +204,6 @@ def false_alarm_report(served: list[Served]) -> dict[str, object]:
 
 
 def localization_report(slices: list[AnnotatedSlice], served: list[Served], groups: Groups | None = None) -> dict[str, object]:
-    from export.intervals import mean_interval
-
     dices, detected, flagged, regions, found, extra, names = [], [], [], 0, 0, 0, []
     for item, outcome in zip(slices, served):
         result = outcome.result
@@ -267,8 +262,6 @@ def full_and_duplicate_free(
 
 def split_groups(paths: Iterable[Path]) -> dict[Path, str]:
     """Each slice of one split → its patient or near-duplicate group, for the 95% intervals."""
-    from export.intervals import evidence_groups
-
     listed = list(paths)
     return dict(zip(listed, evidence_groups(listed)))
 

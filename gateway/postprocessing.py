@@ -62,10 +62,10 @@ def drop_small_components(probabilities: np.ndarray, *, threshold: float, min_px
     if min_px <= 1:
         return probabilities
     binary = (probabilities >= threshold).astype(np.uint8)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     small = stats[:, cv2.CC_STAT_AREA] < min_px
     small[0] = False  # label 0 is the background
-    if count <= 1 or not small.any():
+    if not small.any():
         return probabilities
     below = np.asarray(0.0 if threshold > 0 else threshold - 1.0, dtype=probabilities.dtype)
     return np.where(small[labels], below, probabilities)
